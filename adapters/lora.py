@@ -1,0 +1,56 @@
+"""LoRA through PEFT (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models").
+
+For each adapted linear layer W (out × in): W' = W + s·B·A with A (r × in), B (out × r), B = 0 at
+init, s = α/r (or α/√r with rsLoRA, Kalajdzievski 2023). Saved in PEFT's folder format, so plain
+`PeftModel.from_pretrained` loads it; its task vector keeps the factors (B, A, s) unmultiplied.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from workbench.recipes import LoraSpec
+
+PEFT_TASK_TYPES = {"causal-lm": "CAUSAL_LM", "sequence-classification": "SEQ_CLS",
+                   "feature-extraction": "FEATURE_EXTRACTION"}
+
+
+class LoraMethod:
+    name = "lora"
+
+    def attach(self, model: torch.nn.Module, spec: LoraSpec, task: str = "causal-lm",
+               gradient_checkpointing: bool = False) -> torch.nn.Module:
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+        if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=gradient_checkpointing)
+        config = LoraConfig(
+            r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, use_rslora=spec.use_rslora,
+            target_modules=spec.target_modules, task_type=PEFT_TASK_TYPES[task],
+        )
+        return get_peft_model(model, config)
+
+    def trainable_parameters(self, model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+        return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+    def save(self, model, tokenizer, folder: Path, base_ref: str) -> None:
+        """PEFT folder: adapter_config.json + adapter_model.safetensors (+ the tokenizer)."""
+        model.peft_config["default"].base_model_name_or_path = base_ref
+        model.save_pretrained(folder, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+
+    def task_vector(self, folder: Path, base_folder: Path | None = None):
+        from merge.task_vectors import LoraTaskVector
+
+        return LoraTaskVector.from_peft_folder(folder)
+
+
+def load(model: torch.nn.Module, folder: Path, trainable: bool = False) -> torch.nn.Module:
+    """Attach a saved PEFT LoRA adapter to a loaded base model."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, folder, is_trainable=trainable)

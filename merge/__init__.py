@@ -1,0 +1,1 @@
+"""Task vectors and merging (task arithmetic, TIES, DARE, instruction vectors) and export."""

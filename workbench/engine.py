@@ -1,0 +1,287 @@
+"""The training loop: plain code, read top to bottom (in the spirit of nanoGPT / torchtune).
+
+One optimizer step = one global batch from the `BatchPlan`, split into `grad_accum` micro-batches,
+each split across processes (rank r takes every world_size-th row). The loss is the summed token
+cross-entropy divided by the number of target tokens in the whole global batch, so one process and
+N processes compute the same number, padding-free and mask-aware.
+
+Runs on `accelerate` (`accelerate launch` / `torchrun` give DDP; gloo on CPU). bf16 autocast on a
+GPU, optional gradient checkpointing, fused AdamW where torch has it. Checkpoints hold the
+trainable tensors, the optimizer state and every RNG state, all as safetensors, so a resumed run
+repeats the uninterrupted run's loss curve.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from contextlib import nullcontext
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .data import IGNORE, BatchPlan
+from .recipes import TrainSpec
+from .workspace import Run, write_json
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; training stopped before applying that step."""
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# Learning-rate schedules
+
+
+def warmup_steps(spec: TrainSpec, total: int) -> int:
+    return math.ceil(spec.warmup_ratio * total) if spec.warmup_ratio > 0 else 0
+
+
+def lr_at(step: int, spec: TrainSpec, total: int) -> float:
+    """Learning rate for optimizer step `step` (0-based).
+
+    Linear warmup over ceil(warmup_ratio·total) steps (re-warming a pretrained model), then:
+    cosine: min + (peak − min)·½(1 + cos(π·p)), p the progress after warmup;
+    wsd: constant until the last ceil(decay_ratio·total) steps, then linear to min;
+    constant: peak ("infinite" schedule, anneal separately before export).
+    min = min_lr_ratio · peak.
+    """
+    peak, warm = spec.lr, warmup_steps(spec, total)
+    low = peak * spec.min_lr_ratio
+    if step < warm:
+        return peak * (step + 1) / warm
+    if spec.schedule == "constant":
+        return peak
+    if spec.schedule == "cosine":
+        progress = (step - warm) / max(1, total - warm)
+        return low + (peak - low) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    decay_start = max(warm, total - math.ceil(spec.decay_ratio * total))
+    if step < decay_start:
+        return peak
+    progress = (step - decay_start + 1) / max(1, total - decay_start)
+    return peak + (low - peak) * progress
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints (all safetensors: no pickles anywhere)
+
+
+def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, meta = {}, {"param_groups": state["param_groups"], "scalars": {}}
+    for idx, entries in state["state"].items():
+        for key, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"{idx}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                meta["scalars"][f"{idx}.{key}"] = value
+    return tensors, meta
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for name, value in list(tensors.items()) + list(meta["scalars"].items()):
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+@dataclass
+class Progress:
+    step: int = 0        # optimizer steps done
+    tokens: int = 0      # training tokens seen
+    elapsed: float = 0.0  # seconds spent in training steps
+
+
+def save_checkpoint(folder: Path, trainable: dict[str, torch.nn.Parameter], optimizer,
+                    progress: Progress, rank: int, is_main: bool, keep: int) -> Path:
+    """Write checkpoints/step-NNNNNN atomically (hidden temp folder, then rename)."""
+    target = folder / f"step-{progress.step:06d}"
+    tmp = folder / f".step-{progress.step:06d}.partial"
+    if is_main:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        save_file({n: p.detach().cpu().contiguous() for n, p in trainable.items()},
+                  tmp / "trainable.safetensors")
+        tensors, meta = _flatten_optimizer(optimizer.state_dict())
+        save_file(tensors, tmp / "optimizer.safetensors")
+        write_json(tmp / "optimizer.json", meta)
+        write_json(tmp / "progress.json", progress.__dict__)
+    _barrier()
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    save_file(rng, tmp / f"rng-{rank}.safetensors")
+    _barrier()
+    if is_main:
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+        for old in sorted(folder.glob("step-*"))[:-keep]:
+            shutil.rmtree(old)
+    _barrier()
+    return target
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    found = sorted(p for p in folder.glob("step-*") if (p / "progress.json").exists())
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: Path, trainable: dict[str, torch.nn.Parameter], optimizer,
+                    rank: int) -> Progress:
+    saved = load_file(path / "trainable.safetensors")
+    missing = sorted(set(trainable) - set(saved))
+    if missing:
+        raise RuntimeError(f"{path}: checkpoint lacks trainable tensors, e.g. {missing[0]}")
+    with torch.no_grad():
+        for name, param in trainable.items():
+            param.copy_(saved[name].to(param.device, param.dtype))
+    meta = json.loads((path / "optimizer.json").read_text())
+    optimizer.load_state_dict(_unflatten_optimizer(load_file(path / "optimizer.safetensors"), meta))
+    rng_file = path / f"rng-{rank}.safetensors"
+    rng = load_file(rng_file if rng_file.exists() else path / "rng-0.safetensors")
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return Progress(**json.loads((path / "progress.json").read_text()))
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+def make_accelerator(precision: str):
+    """Accelerator with bf16 autocast on a capable GPU when precision is auto or bf16."""
+    from accelerate import Accelerator
+
+    use_bf16 = precision == "bf16" or (
+        precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if precision == "bf16" and not torch.cuda.is_available():
+        use_bf16 = True  # CPU bf16 autocast, when asked for explicitly
+    return Accelerator(mixed_precision="bf16" if use_bf16 else "no")
+
+
+def make_optimizer(params: list[torch.nn.Parameter], spec: TrainSpec, device: torch.device):
+    """AdamW, fused where torch supports it for this device."""
+    kwargs = dict(lr=spec.lr, weight_decay=spec.weight_decay)
+    try:
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(params, **kwargs)
+
+
+def token_loss_sum(model, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Σ cross-entropy over target tokens (labels shifted by one; -100 ignored), in float32."""
+    logits = model(input_ids=inputs, use_cache=False).logits
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                           ignore_index=IGNORE, reduction="sum")
+
+
+def train_loop(model, plan: BatchPlan, spec: TrainSpec, total_steps: int, run: Run, accelerator,
+               trainable: dict[str, torch.nn.Parameter], resume: bool = False,
+               evaluate: Callable[[int], dict] | None = None,
+               on_step: Callable[[int, float], None] | None = None) -> Progress:
+    """Train for `total_steps` optimizer steps; checkpoint, log and evaluate along the way.
+
+    `evaluate(step)` returns metrics to log (called at the steps in spec.eval_at); `on_step(step,
+    loss)` is called after each step (progress reporting, tests).
+    """
+    world, rank = accelerator.num_processes, accelerator.process_index
+    rows_per_micro = spec.batch_size // spec.grad_accum
+    if rows_per_micro % world:
+        raise ValueError(f"train.batch_size / train.grad_accum ({rows_per_micro}) must be divisible "
+                         f"by the number of processes ({world})")
+    if spec.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    optimizer = make_optimizer(list(trainable.values()), spec, accelerator.device)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    ckpt_dir = run.path("checkpoints")
+    progress = Progress()
+    last_good = None
+    if resume and (found := latest_checkpoint(ckpt_dir)) is not None:
+        progress = load_checkpoint(found, trainable, optimizer, rank)
+        last_good = found.name
+        if accelerator.is_main_process:
+            run.truncate_metrics(progress.step)
+            run.log(f"resumed from {found.name}")
+    bar = tqdm(total=total_steps, initial=progress.step, desc=run.info.get("name", "train"),
+               unit="step", disable=not accelerator.is_main_process, dynamic_ncols=True)
+    device = accelerator.device
+    for step in range(progress.step, total_steps):
+        started = time.perf_counter()
+        lr = lr_at(step, spec, total_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        inputs, labels = plan.batch(step)
+        target_tokens = int((labels[:, 1:] != IGNORE).sum())
+        step_loss = torch.zeros((), device=device)
+        for micro in range(spec.grad_accum):
+            rows = slice(micro * rows_per_micro, (micro + 1) * rows_per_micro)
+            x = inputs[rows][rank::world].to(device)
+            y = labels[rows][rank::world].to(device)
+            sync = micro == spec.grad_accum - 1
+            with accelerator.autocast(), (accelerator.no_sync(model) if not sync else nullcontext()):
+                loss = token_loss_sum(model, x, y) / target_tokens
+                accelerator.backward(loss * world)  # DDP averages gradients over processes
+            step_loss += loss.detach()
+        step_loss = accelerator.reduce(step_loss, reduction="sum") if world > 1 else step_loss
+        value = float(step_loss)
+        if not math.isfinite(value):
+            optimizer.zero_grad(set_to_none=True)
+            raise TrainingDiverged(
+                f"loss is {value} at step {step + 1}; training stopped before applying it. "
+                f"Last good checkpoint: {last_good or 'none'} (in {ckpt_dir}). Lower train.lr or check the data.")
+        if spec.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(list(trainable.values()), spec.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - started
+        progress.step, progress.tokens = step + 1, progress.tokens + inputs.numel()
+        progress.elapsed += seconds
+        row = {"step": progress.step, "loss": round(value, 6), "lr": lr,
+               "tokens_per_s": round(inputs.numel() / seconds, 1),
+               "tokens": progress.tokens, "elapsed": round(progress.elapsed, 3)}
+        if accelerator.is_main_process:
+            run.append_metrics(row)
+        bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+        bar.update(1)
+        if spec.checkpoint_every and progress.step % spec.checkpoint_every == 0 \
+                and progress.step < total_steps:
+            last_good = save_checkpoint(ckpt_dir, trainable, optimizer, progress, rank,
+                                        accelerator.is_main_process, spec.keep_checkpoints).name
+        if evaluate is not None and progress.step in spec.eval_at:
+            model.eval()
+            metrics = evaluate(progress.step)
+            model.train()
+            if accelerator.is_main_process:
+                run.append_metrics({"step": progress.step, **{f"eval/{k}": v for k, v in metrics.items()}})
+        if on_step is not None:
+            on_step(progress.step, value)
+    bar.close()
+    model.eval()
+    return progress
+

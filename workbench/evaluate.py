@@ -1,0 +1,143 @@
+"""Evaluation: perplexity and bits per byte on held-out text, exact match on held-out questions,
+and the gain-vs-forgetting report of a model against its base.
+
+- Perplexity = exp(Σ NLL / target tokens) over packed rows of `seq_len` tokens.
+- Bits per byte = Σ NLL / ln 2 / UTF-8 bytes of the predicted text (tokenizer-independent).
+- Exact match: greedy decoding; the first k words of the output (k = words in the answer), with
+  surrounding punctuation stripped, must equal the answer, case-insensitively.
+- Domain gain = 1 − ppl_model/ppl_base on domain text; general forgetting = ppl_model/ppl_base − 1
+  on general text (both in percent; positive gain is good, positive forgetting is bad).
+"""
+
+from __future__ import annotations
+
+import math
+import string
+from pathlib import Path
+
+import torch
+
+from .data import IGNORE, encode_documents, pack, read_examples, read_texts
+from .recipes import EvalSpec
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def text_metrics(model, tokenizer, texts: list[str], seq_len: int, max_tokens: int,
+                 batch_size: int, source: str = "text") -> dict:
+    """Perplexity, bits per byte, mean NLL and token count on `texts` (first max_tokens tokens)."""
+    stream, labels = encode_documents(texts, tokenizer)
+    limit = max(seq_len, max_tokens)
+    packed = pack(stream[:limit], labels[:limit], seq_len, source)
+    device = _device(model)
+    nll, tokens, nbytes = 0.0, 0, 0
+    for start in range(0, len(packed), batch_size):
+        x = packed.inputs[start:start + batch_size].to(device)
+        y = packed.labels[start:start + batch_size].to(device)
+        logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()
+        nll += float(torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), y[:, 1:].flatten(), ignore_index=IGNORE, reduction="sum"))
+        tokens += int((y[:, 1:] != IGNORE).sum())
+        for row in x[:, 1:].tolist():
+            nbytes += len(tokenizer.decode(row, skip_special_tokens=True).encode("utf-8"))
+    mean = nll / tokens
+    return {"ppl": math.exp(mean), "bpb": nll / math.log(2) / max(1, nbytes),
+            "nll": mean, "tokens": tokens}
+
+
+def _normalise(text: str) -> str:
+    return text.strip().strip(string.punctuation + " ").casefold()
+
+
+def is_exact_match(prediction: str, answer: str) -> bool:
+    """First k words of the prediction (k = words in the answer) equal the answer."""
+    words = prediction.split()
+    k = max(1, len(answer.split()))
+    return _normalise(" ".join(words[:k])) == _normalise(answer)
+
+
+@torch.no_grad()
+def qa_accuracy(model, tokenizer, examples, max_new_tokens: int, batch_size: int) -> dict:
+    """Greedy exact-match accuracy over (prompt, answer) examples."""
+    device = _device(model)
+    stop_ids = [tokenizer.eos_token_id]
+    end_id = tokenizer.convert_tokens_to_ids("<|end|>")
+    if isinstance(end_id, int) and end_id != tokenizer.unk_token_id:
+        stop_ids.append(end_id)
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    correct = 0
+    try:
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start:start + batch_size]
+            enc = tokenizer([e.prompt for e in chunk], return_tensors="pt", padding=True,
+                            add_special_tokens=False).to(device)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_ids)
+            for example, ids in zip(chunk, out[:, enc["input_ids"].shape[1]:]):
+                text = tokenizer.decode(ids, skip_special_tokens=True).split("\n")[0]
+                correct += is_exact_match(text, example.answer)
+    finally:
+        tokenizer.padding_side = side
+    return {"accuracy": correct / max(1, len(examples)), "n": len(examples)}
+
+
+def question_set_name(source: str) -> str:
+    return source.split(":", 1)[1] if source.startswith("world:") else Path(source).stem
+
+
+def evaluate_model(model, tokenizer, spec: EvalSpec, seq_len: int, world_seed: int = 0,
+                   world_size: str = "default", text_only: bool = False) -> dict:
+    """All held-out metrics of one model as a flat dict."""
+    was_training = model.training
+    model.eval()
+    metrics: dict[str, float] = {}
+    for label, source in (("domain", spec.domain_text), ("general", spec.general_text)):
+        texts = read_texts(source, world_seed, world_size)
+        for key, value in text_metrics(model, tokenizer, texts, seq_len, spec.max_tokens,
+                                       spec.batch_size, source).items():
+            metrics[f"{label}_{key}"] = value
+    if not text_only:
+        for source in spec.questions:
+            examples = read_examples(source, world_seed, world_size)[:spec.max_questions]
+            result = qa_accuracy(model, tokenizer, examples, spec.max_new_tokens, spec.batch_size)
+            metrics[f"acc_{question_set_name(source)}"] = result["accuracy"]
+    if was_training:
+        model.train()
+    return metrics
+
+
+def gain_forgetting(base: dict, model: dict) -> dict:
+    """The report: both metric sets, domain gain, general forgetting and accuracy changes."""
+    report = {
+        "base": base, "model": model,
+        "domain_gain_pct": 100.0 * (1.0 - model["domain_ppl"] / base["domain_ppl"]),
+        "general_forgetting_pct": 100.0 * (model["general_ppl"] / base["general_ppl"] - 1.0),
+        "accuracy_change_pts": {k: 100.0 * (model[k] - base[k]) for k in base
+                                if k.startswith("acc_") and k in model},
+    }
+    return report
+
+
+def format_report(report: dict, labels: tuple[str, str] = ("base", "adapted")) -> str:
+    """The report as a terminal table plus a one-line verdict."""
+    base, model = report["base"], report["model"]
+    rows = [("metric", labels[0], labels[1], "change")]
+    for key in ("domain_ppl", "domain_bpb", "general_ppl", "general_bpb"):
+        rel = 100.0 * (model[key] / base[key] - 1.0)
+        rows.append((key.replace("_", " "), f"{base[key]:.3f}", f"{model[key]:.3f}", f"{rel:+.1f}%"))
+    for key in sorted(k for k in base if k.startswith("acc_") and k in model):
+        rows.append((key.replace("acc_", "accuracy "), f"{100 * base[key]:.1f}%",
+                     f"{100 * model[key]:.1f}%", f"{100 * (model[key] - base[key]):+.1f} pts"))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(cell.ljust(widths[0]) if i == 0 else cell.rjust(widths[i])
+                       for i, cell in enumerate(row)) for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    lines.append("")
+    lines.append(f"Domain gain: {report['domain_gain_pct']:+.1f}% (lower domain perplexity is a gain). "
+                 f"General forgetting: {report['general_forgetting_pct']:+.1f}% "
+                 "(higher general perplexity is forgetting).")
+    return "\n".join(lines)

@@ -1,0 +1,314 @@
+"""Model loading: local folders, hub ids, workspace runs and built-in configs, safely.
+
+Safetensors only unless a recipe allows pickled checkpoints (then `weights_only=True`), no remote
+code unless a recipe turns it on, every safetensors header checked before any weight is read, and
+dtype / device chosen automatically (bf16 on a GPU, fp32 on CPU) or by the recipe.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import torch
+
+from .recipes import ModelSpec
+
+if TYPE_CHECKING:
+    from .workspace import Workspace
+
+Task = Literal["causal-lm", "sequence-classification", "feature-extraction"]
+
+# Small Llama-architecture configs: tests, benchmarks and the embedded base.
+BUILTIN_CONFIGS: dict[str, dict] = {
+    "llama-tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512),
+    "llama-small": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=3,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512),
+    "llama-base": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512),
+    "llama-0.5b": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=28,
+                       num_attention_heads=16, num_key_value_heads=8, max_position_embeddings=4096,
+                       vocab_size=32000),
+}
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class ModelLoadError(RuntimeError):
+    """A model that cannot be loaded: the message says which path or file and why."""
+
+
+@dataclass
+class ModelSource:
+    """Where a model comes from: a folder with weights, optionally plus an adapter folder."""
+
+    ref: str                  # canonical reference (run:<id>, absolute path, hub id, config:<name>)
+    folder: Path | None       # HF model folder (None for config:<name>)
+    adapter: Path | None = None
+    config_name: str | None = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Device and dtype
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("model.device is 'cuda' but no CUDA GPU is available")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks before any weight is read
+
+
+def read_safetensors_header(path: Path) -> dict:
+    """Parse and check a safetensors header; raise ModelLoadError naming the file if corrupt.
+
+    Format: 8-byte little-endian header length N, N bytes of JSON {name: {dtype, shape,
+    data_offsets}}, then the data buffer, whose size must equal the largest end offset.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ModelLoadError(f"{path}: corrupt safetensors file (shorter than its 8-byte header)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8 or n > 512 * 1024 * 1024:
+            raise ModelLoadError(f"{path}: corrupt or truncated safetensors file "
+                                 f"(header claims {n} bytes, file has {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ModelLoadError(f"{path}: corrupt safetensors header ({err})") from None
+    if not isinstance(header, dict):
+        raise ModelLoadError(f"{path}: corrupt safetensors header (not a JSON object)")
+    ends = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(type(o) is int for o in offsets) and 0 <= offsets[0] <= offsets[1]):
+            raise ModelLoadError(f"{path}: corrupt safetensors header (bad entry for tensor '{name}')")
+        ends.append(offsets[1])
+    expected = 8 + n + (max(ends) if ends else 0)
+    if size != expected:
+        raise ModelLoadError(f"{path}: truncated or corrupt safetensors file "
+                             f"({size} bytes on disk, header describes {expected})")
+    return header
+
+
+def check_model_folder(folder: Path, allow_pickle: bool) -> Literal["safetensors", "pickle"]:
+    """Which weight format a folder holds; refuse pickles unless allowed; check every header."""
+    if not (folder / "config.json").is_file():
+        raise ModelLoadError(f"{folder}: not a model folder (no config.json)")
+    shards = sorted(folder.glob("*.safetensors"))
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = set(json.loads(index.read_text())["weight_map"].values())
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+            raise ModelLoadError(f"{index}: unreadable shard index ({type(err).__name__}: {err})") from None
+        missing = sorted(n for n in names if not (folder / n).is_file())
+        if missing:
+            raise ModelLoadError(f"{folder}: missing shard(s) listed in {index.name}: {', '.join(missing)}")
+    if shards:
+        for shard in shards:
+            read_safetensors_header(shard)
+        return "safetensors"
+    pickles = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
+    if pickles and not allow_pickle:
+        raise ModelLoadError(
+            f"{folder}: only pickled weights ({', '.join(sorted(pickles))}); they can run code when "
+            "loaded, so they are refused. Convert them to safetensors, or set "
+            "model.allow_pickle: true in the recipe (they are then loaded with weights_only=True)."
+        )
+    if not pickles:
+        raise ModelLoadError(f"{folder}: no weights found (*.safetensors)")
+    return "pickle"
+
+
+# ----------------------------------------------------------------------------------------------
+# Resolving references
+
+
+def resolve_source(ref: str, workspace: "Workspace | None" = None) -> ModelSource:
+    """Turn a model reference into folders to load (see ModelSpec.path for the forms)."""
+    if ref == "default":
+        from .base import ensure_default_base
+
+        if workspace is None:
+            raise ModelLoadError("the embedded default base needs a workspace")
+        return resolve_source(f"run:{ensure_default_base(workspace).id}", workspace)
+    if ref.startswith("config:"):
+        name = ref.split(":", 1)[1]
+        if name not in BUILTIN_CONFIGS:
+            raise ModelLoadError(f"unknown built-in config '{name}' (known: {', '.join(BUILTIN_CONFIGS)})")
+        return ModelSource(ref=ref, folder=None, config_name=name)
+    if ref.startswith("run:"):
+        if workspace is None:
+            raise ModelLoadError(f"'{ref}' needs a workspace")
+        return _source_of_run(ref, workspace)
+    if ref.startswith("stage:"):
+        raise ModelLoadError(f"'{ref}' refers to a pipeline stage and only works inside a pipeline")
+    path = Path(ref).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"{path}: a model is a folder (config.json + weights), not a file")
+        if (path / "adapter_config.json").is_file():
+            config = json.loads((path / "adapter_config.json").read_text())
+            base = config.get("base_model_name_or_path")
+            if not base:
+                raise ModelLoadError(f"{path}: adapter_config.json names no base model")
+            base_source = resolve_source(base, workspace)
+            return ModelSource(ref=str(path.resolve()), folder=base_source.folder, adapter=path.resolve(),
+                               config_name=base_source.config_name)
+        return ModelSource(ref=str(path.resolve()), folder=path.resolve())
+    if HUB_ID.match(ref) and not ref.startswith((".", "/", "~")):
+        return ModelSource(ref=ref, folder=_download_from_hub(ref))
+    raise ModelLoadError(f"model '{ref}' not found: no such folder, and not a hub id (org/name)")
+
+
+def _source_of_run(ref: str, workspace: "Workspace") -> ModelSource:
+    run = workspace.get(ref)
+    info = run.info
+    if info.get("status") != "done":
+        raise ModelLoadError(f"run {run.id} is {run.status}, not done; it has no finished model")
+    outputs = info.get("outputs", {})
+    if "model" in outputs:
+        return ModelSource(ref=f"run:{run.id}", folder=run.path(outputs["model"]))
+    if "adapter" in outputs:
+        base = resolve_source(outputs["base"], workspace)
+        return ModelSource(ref=f"run:{run.id}", folder=base.folder, adapter=run.path(outputs["adapter"]),
+                           config_name=base.config_name)
+    raise ModelLoadError(f"run {run.id} ({info.get('kind')}) produced no model or adapter")
+
+
+def _hub_offline() -> bool:
+    """HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE as set now (the hub library reads them only once, at import)."""
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return value.strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _download_from_hub(repo_id: str) -> Path:
+    """Fetch a hub model's configs, tokenizer and safetensors; a clear error when offline."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(
+            repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"],
+            local_files_only=_hub_offline(),
+        )
+    except Exception as err:  # noqa: BLE001 - every hub failure becomes one clear message
+        raise ModelLoadError(
+            f"model '{repo_id}' is not a local folder, and the Hugging Face hub could not provide it "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). Without network "
+            "access, download the model elsewhere and pass its local folder."
+        ) from None
+    return Path(folder)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def build_model_from_config(name: str, vocab_size: int, seed: int = 0, **overrides):
+    """A randomly initialised Llama from a built-in config (seeded)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if name not in BUILTIN_CONFIGS:
+        raise ModelLoadError(f"unknown built-in config '{name}' (known: {', '.join(BUILTIN_CONFIGS)})")
+    params = {**BUILTIN_CONFIGS[name], **overrides}
+    params.setdefault("vocab_size", vocab_size)
+    config = LlamaConfig(tie_word_embeddings=False, **params)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config)
+
+
+def _auto_class(task: Task):
+    import transformers
+
+    return {
+        "causal-lm": transformers.AutoModelForCausalLM,
+        "sequence-classification": transformers.AutoModelForSequenceClassification,
+        "feature-extraction": transformers.AutoModel,
+    }[task]
+
+
+def bnb_quantization_config(load_in: str, compute_dtype: torch.dtype):
+    """bitsandbytes config for a 4-bit (NF4, double quant) or 8-bit base; needs a CUDA GPU."""
+    if load_in == "none":
+        return None
+    if not torch.cuda.is_available():
+        raise ModelLoadError(f"model.load_in: '{load_in}' (bitsandbytes, QLoRA) needs a CUDA GPU; none is available")
+    from transformers import BitsAndBytesConfig
+
+    if load_in == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                  bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def load_tokenizer(folder: Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except Exception as err:  # noqa: BLE001
+        raise ModelLoadError(f"{folder}: could not load the tokenizer ({err})") from None
+
+
+def load_model(spec: ModelSpec, workspace: "Workspace | None" = None, task: Task = "causal-lm",
+               num_labels: int | None = None, with_adapter: bool = True):
+    """Load (model, tokenizer, source) for a ModelSpec. An adapter reference loads base + adapter."""
+    source = resolve_source(spec.path, workspace)
+    device = resolve_device(spec.device)
+    dtype = resolve_dtype(spec.dtype, device)
+    if source.config_name is not None:
+        raise ModelLoadError(f"'{spec.path}' is a random-init config; it has no tokenizer to load")
+    fmt = check_model_folder(source.folder, spec.allow_pickle)
+    kwargs: dict = dict(dtype=dtype, trust_remote_code=spec.trust_remote_code,
+                        use_safetensors=fmt == "safetensors")
+    if num_labels is not None:
+        kwargs["num_labels"] = num_labels
+    quant = bnb_quantization_config(spec.load_in, dtype)
+    if quant is not None:
+        kwargs.update(quantization_config=quant, device_map={"": device.index or 0})
+    try:
+        model = _auto_class(task).from_pretrained(source.folder, **kwargs)
+    except Exception as err:  # noqa: BLE001
+        raise ModelLoadError(f"{source.folder}: could not load the model ({type(err).__name__}: {err})") from None
+    if quant is None:
+        model.to(device)
+    tokenizer = load_tokenizer(source.folder, spec.trust_remote_code)
+    if source.adapter is not None and with_adapter:
+        from adapters import load_adapter
+
+        model = load_adapter(model, source.adapter)
+    model.eval()
+    return model, tokenizer, source
+
+
+def max_sequence_length(model) -> int | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "max_position_embeddings", None)

@@ -1,0 +1,352 @@
+"""Recipes: the pydantic schema behind YAML files, the CLI and the UI.
+
+One model per stage kind (`pretrain`, `train`, `eval`) plus `pipeline`, which chains stages by
+name. Unknown keys are errors; every error names the file, the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be read or does not validate; the message names file, key and value."""
+
+
+class Strict(BaseModel):
+    """Base of every recipe section: unknown keys are refused, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sections
+
+
+class ModelSpec(Strict):
+    """Which model to load and how.
+
+    `path` is one of: `default` (the embedded base, built on first use), a local Hugging Face
+    folder, a hub id such as `org/name` (only when the hub is reachable), `run:<run-id>` (the model
+    or adapter a run produced), `stage:<name>` (inside a pipeline) or `config:<name>` (a randomly
+    initialised model from the built-in configs in `workbench.models.BUILTIN_CONFIGS`).
+    """
+
+    path: str = "default"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    load_in: Literal["none", "4bit", "8bit"] = Field(
+        "none", description="Load the base quantized with bitsandbytes (QLoRA); needs a CUDA GPU."
+    )
+    trust_remote_code: bool = False
+    allow_pickle: bool = Field(
+        False, description="Allow .bin/.pt checkpoints (loaded with weights_only=True)."
+    )
+
+
+class DataSpec(Strict):
+    """Training data. Sources are `world:<split>` (the embedded world) or a .txt / .jsonl file.
+
+    A .txt file holds one document per line; a .jsonl file holds {"text": ...} records for
+    `format: text` and {"prompt"|"question": ..., "answer": ...} records for `format: instruct`.
+    """
+
+    train: str = "world:domain_train"
+    replay: str = "world:general_train"
+    replay_ratio: float = Field(
+        0.1, ge=0.0, lt=1.0, description="Share of each batch drawn from `replay` (general data)."
+    )
+    format: Literal["text", "instruct"] = "text"
+    seq_len: int = Field(128, ge=8, le=131072)
+    world_seed: int = 0
+    world_size: Literal["tiny", "default"] = "default"
+
+
+class LoraSpec(Strict):
+    """LoRA through PEFT: ΔW = (α/r)·B·A (or α/√r with rsLoRA)."""
+
+    method: Literal["lora"] = "lora"
+    r: int = Field(16, ge=1, le=4096)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
+    use_rslora: bool = False
+
+
+class FullSpec(Strict):
+    """Full fine-tuning: every parameter trains."""
+
+    method: Literal["full"] = "full"
+
+
+AdapterSpec = Annotated[Union[LoraSpec, FullSpec], Field(discriminator="method")]
+
+
+class TrainSpec(Strict):
+    """Optimisation knobs of the training loop (continued-pretraining defaults)."""
+
+    lr: float = Field(2e-4, gt=0, le=1.0)
+    schedule: Literal["cosine", "wsd", "constant"] = Field(
+        "cosine",
+        description="cosine: re-warm then cosine to min_lr; wsd: warmup-stable-decay; "
+        "constant: warmup then constant ('infinite' schedule).",
+    )
+    warmup_ratio: float = Field(0.01, ge=0.0, le=0.5)
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    decay_ratio: float = Field(0.2, gt=0.0, le=1.0, description="wsd: share of steps that decay.")
+    weight_decay: float = Field(0.0, ge=0.0)
+    batch_size: int = Field(8, ge=1, description="Sequences per optimizer step, all processes.")
+    grad_accum: int = Field(1, ge=1)
+    max_steps: int | None = Field(200, ge=1)
+    epochs: float | None = Field(None, gt=0)
+    max_grad_norm: float = Field(1.0, ge=0.0)
+    checkpoint_every: int = Field(50, ge=0, description="0 saves only the final state.")
+    keep_checkpoints: int = Field(2, ge=1)
+    eval_at: list[int] = Field(
+        default_factory=list,
+        description="Extra steps at which to evaluate (early steps show the stability gap).",
+    )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast on a GPU that supports it, fp32 otherwise."
+    )
+    gradient_checkpointing: bool = False
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> "TrainSpec":
+        if self.max_steps is None and self.epochs is None:
+            raise ValueError("set train.max_steps or train.epochs")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(
+                f"train.batch_size ({self.batch_size}) must be divisible by "
+                f"train.grad_accum ({self.grad_accum})"
+            )
+        return self
+
+
+class EvalSpec(Strict):
+    """Held-out evaluation: perplexity / bits per byte on text, exact match on questions."""
+
+    general_text: str = "world:general_eval"
+    domain_text: str = "world:domain_eval"
+    questions: list[str] = Field(
+        default_factory=lambda: [
+            "world:general_qa_eval",
+            "world:general_cloze_eval",
+            "world:domain_cloze_eval",
+        ]
+    )
+    max_tokens: int = Field(16384, ge=64, description="Token budget per text set.")
+    max_questions: int = Field(100, ge=1)
+    max_new_tokens: int = Field(8, ge=1, le=256)
+    batch_size: int = Field(16, ge=1)
+
+
+class WorldSpec(Strict):
+    seed: int = 0
+    size: Literal["tiny", "default"] = "default"
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage recipes
+
+
+class PretrainRecipe(Strict):
+    """Build a base model on the embedded world: train a tokenizer, pretrain a small Llama."""
+
+    kind: Literal["pretrain"] = "pretrain"
+    name: str = "default-base"
+    seed: int = 0
+    world: WorldSpec = Field(default_factory=WorldSpec)
+    vocab_size: int = Field(2048, ge=300, le=65536)
+    architecture: str = "llama-base"
+    seq_len: int = Field(128, ge=8)
+    train: TrainSpec = Field(
+        default_factory=lambda: TrainSpec(
+            lr=3e-3, schedule="cosine", warmup_ratio=0.02, batch_size=32, max_steps=400,
+            checkpoint_every=100, weight_decay=0.01,
+        )
+    )
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+
+
+class TrainRecipe(Strict):
+    """Train an adapter (or the full model) on a model, then evaluate it against its base."""
+
+    kind: Literal["train"] = "train"
+    name: str = "train"
+    seed: int = 0
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    data: DataSpec = Field(default_factory=DataSpec)
+    adapter: AdapterSpec = Field(default_factory=LoraSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    eval: EvalSpec | None = Field(default_factory=EvalSpec)
+
+
+class EvalRecipe(Strict):
+    """Evaluate a model (or base + adapter) and report gain and forgetting against a base."""
+
+    kind: Literal["eval"] = "eval"
+    name: str = "eval"
+    seed: int = 0
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    base: ModelSpec | None = Field(
+        None, description="What to compare against; by default the model's own base."
+    )
+    world: WorldSpec = Field(default_factory=WorldSpec)
+    seq_len: int = Field(128, ge=8)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+
+
+StageRecipe = Annotated[Union[PretrainRecipe, TrainRecipe, EvalRecipe], Field(discriminator="kind")]
+
+
+class PipelineRecipe(Strict):
+    """Stages run in order; a stage refers to an earlier one's output as `stage:<name>`."""
+
+    kind: Literal["pipeline"] = "pipeline"
+    name: str = "pipeline"
+    stages: list[StageRecipe] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "PipelineRecipe":
+        names = [s.name for s in self.stages]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"stage names must be unique; repeated: {', '.join(dupes)}")
+        return self
+
+
+Recipe = Annotated[
+    Union[PretrainRecipe, TrainRecipe, EvalRecipe, PipelineRecipe], Field(discriminator="kind")
+]
+_RECIPE = TypeAdapter(Recipe)
+KINDS = ("pretrain", "train", "eval", "pipeline")
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading, validating, saving
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic model classes inside an annotation (through Optional, list, Union)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    found: list[type[BaseModel]] = []
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found += [m for m in _models_in(arg) if m not in found]
+    return found
+
+
+def _tag_map(models: list[type[BaseModel]]) -> dict[str, type[BaseModel]]:
+    """Discriminator value ('kind' or 'method') -> model, for a union of sections."""
+    tags = {}
+    for model in models:
+        for key in ("kind", "method"):
+            if key in model.model_fields:
+                tags[model.model_fields[key].default] = model
+    return tags
+
+
+def _resolve_loc(loc: tuple) -> tuple[list, type[BaseModel] | None]:
+    """Drop union tags from a pydantic error location; return it and the model of its last key."""
+    current = _RECIPE_MODELS.get(loc[0]) if loc else None
+    pending: dict[str, type[BaseModel]] | None = None
+    clean: list = []
+    parent = current
+    for part in loc[1:]:
+        if pending is not None and isinstance(part, str) and part in pending:
+            current, pending = pending[part], None
+            continue
+        clean.append(part)
+        if isinstance(part, int):
+            continue
+        parent = current
+        field = current.model_fields.get(part) if current is not None else None
+        models = _models_in(field.annotation) if field is not None else []
+        current = models[0] if len(models) == 1 else None
+        pending = _tag_map(models) if len(models) > 1 else None
+    return clean, parent
+
+
+_RECIPE_MODELS = {
+    "pretrain": PretrainRecipe, "train": TrainRecipe, "eval": EvalRecipe,
+    "pipeline": PipelineRecipe,
+}
+
+
+def format_validation_error(err: ValidationError, data: Any, source: str) -> str:
+    """One line per problem: `source: key.path: message (got value)`, with a typo suggestion."""
+    lines = []
+    for e in err.errors():
+        loc, parent = _resolve_loc(tuple(e["loc"]))
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            allowed = list(parent.model_fields) if parent is not None else []
+            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            msg = f"unknown key '{loc[-1]}'"
+            if close:
+                msg += f"; did you mean '{close[0]}'?"
+            if allowed:
+                msg += f" Allowed here: {', '.join(allowed)}"
+            lines.append(f"{source}: {key}: {msg}")
+            continue
+        if e["type"] == "union_tag_invalid" or e["type"] == "union_tag_not_found":
+            msg += f" (allowed kinds: {', '.join(KINDS)})" if not loc else ""
+        got = e.get("input")
+        shown = "" if isinstance(got, (dict, list)) or e["type"] == "missing" else f" (got {got!r})"
+        lines.append(f"{source}: {key}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def parse_recipe(data: Any, source: str = "recipe") -> PretrainRecipe | TrainRecipe | EvalRecipe | PipelineRecipe:
+    """Validate a recipe given as a dict; raise RecipeError naming key, value and what is allowed."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe is a mapping with a 'kind' key ({', '.join(KINDS)})")
+    if "kind" not in data:
+        raise RecipeError(f"{source}: missing key 'kind' (one of: {', '.join(KINDS)})")
+    if data["kind"] not in KINDS:
+        raise RecipeError(f"{source}: kind: unknown kind {data['kind']!r} (one of: {', '.join(KINDS)})")
+    try:
+        return _RECIPE.validate_python(data)
+    except ValidationError as err:
+        raise RecipeError(format_validation_error(err, data, source)) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None):
+    """Read a YAML recipe file, apply `key.path=value` overrides, and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: not valid YAML: {err}") from None
+    for item in overrides or []:
+        apply_override(data, item, str(path))
+    return parse_recipe(data, str(path))
+
+
+def apply_override(data: dict, item: str, source: str = "--set") -> None:
+    """Set `a.b.c=value` in a recipe dict; the value is parsed as YAML (numbers, lists, bools)."""
+    if "=" not in item:
+        raise RecipeError(f"{source}: override {item!r} must look like key.path=value")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        if isinstance(node, list) and part.isdigit():
+            node = node[int(part)]
+            continue
+        node = node.setdefault(part, {})
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def recipe_to_yaml(recipe: BaseModel) -> str:
+    """The recipe as YAML with every value spelled out, so re-running it reproduces the run."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

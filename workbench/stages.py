@@ -1,0 +1,235 @@
+"""Running recipes: each stage reads its parents from the workspace and writes one new run folder.
+
+`run_recipe` dispatches on the recipe kind; `resume_run` continues an interrupted run from its
+last checkpoint with the recipe stored in its folder.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+
+import torch
+from accelerate import PartialState
+
+from adapters import get_method
+
+from .data import BatchPlan, DataError, pack_source
+from .engine import make_accelerator, seed_everything, train_loop
+from .evaluate import evaluate_model, format_report, gain_forgetting
+from .models import ModelLoadError, load_model, max_sequence_length
+from .recipes import (EvalRecipe, ModelSpec, PipelineRecipe, PretrainRecipe, TrainRecipe,
+                      TrainSpec, load_recipe, recipe_to_yaml)
+from .workspace import Run, Workspace, write_json
+
+
+def broadcast_from_main(value):
+    """The main process's value on every process (identity when there is one process)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+    return value
+
+
+def say(message: str = "") -> None:
+    print(message, flush=True)
+
+
+def total_steps(spec: TrainSpec, plan: BatchPlan) -> int:
+    """Optimizer steps: from train.epochs when set, otherwise train.max_steps."""
+    if spec.epochs is not None:
+        return max(1, math.ceil(spec.epochs * plan.steps_per_epoch()))
+    return spec.max_steps
+
+
+def check_seq_len(seq_len: int, model, source: str) -> None:
+    limit = max_sequence_length(model)
+    if limit is not None and seq_len > limit:
+        raise DataError(f"data.seq_len={seq_len} is above the model's limit "
+                        f"(max_position_embeddings={limit} in {source})")
+
+
+def _parents(*refs: str) -> list[str]:
+    return [r.removeprefix("run:") for r in refs if r and r.startswith("run:")]
+
+
+# ----------------------------------------------------------------------------------------------
+# train
+
+
+def run_train(recipe: TrainRecipe, ws: Workspace, run: Run | None = None, resume: bool = False) -> Run:
+    """Train an adapter on the model, evaluate base vs adapted, save the adapter in the run."""
+    if run is None:
+        from .models import resolve_source
+
+        state = PartialState()  # under torchrun / accelerate launch: one run folder for all ranks
+        run_id = None
+        if state.is_main_process:
+            base_source = resolve_source(recipe.model.path, ws)  # builds the default base if needed
+            run_id = ws.create_run("train", recipe.name, recipe_to_yaml(recipe), recipe.seed,
+                                   parents=_parents(base_source.ref)).id
+        run = ws.get(broadcast_from_main(run_id))
+    with ws.running(run) if PartialState().is_main_process else nullcontext(run):
+        seed_everything(recipe.seed)
+        accelerator = make_accelerator(recipe.train.precision)
+        model, tokenizer, source = load_model(recipe.model, ws)
+        if source.adapter is not None:
+            raise ModelLoadError(f"model.path '{recipe.model.path}' is an adapter; train on a full "
+                                 "model (merge the adapter into its base first)")
+        check_seq_len(recipe.data.seq_len, model, str(source.folder))
+        data = recipe.data
+        train_set = pack_source(data.train, tokenizer, data.seq_len, data.format,
+                                data.world_seed, data.world_size)
+        replay_set = None
+        if data.replay_ratio > 0:
+            replay_set = pack_source(data.replay, tokenizer, data.seq_len, "text",
+                                     data.world_seed, data.world_size)
+        plan = BatchPlan(train_set, replay_set, recipe.train.batch_size, data.replay_ratio, recipe.seed)
+        steps = total_steps(recipe.train, plan)
+        run.log(f"model {source.ref}; {len(train_set)} training rows of {data.seq_len} tokens; "
+                f"{plan.n_train}+{plan.n_replay} rows per step; {steps} steps")
+
+        base_metrics = None
+        if recipe.eval is not None and accelerator.is_main_process:
+            say("Evaluating the base model ...")
+            base_metrics = evaluate_model(model, tokenizer, recipe.eval, data.seq_len,
+                                          data.world_seed, data.world_size)
+            run.append_metrics({"step": 0, **{f"eval/{k}": v for k, v in base_metrics.items()}})
+
+        method = get_method(recipe.adapter.method)
+        torch.manual_seed(recipe.seed)
+        model = method.attach(model, recipe.adapter, gradient_checkpointing=recipe.train.gradient_checkpointing)
+        trainable = method.trainable_parameters(model)
+
+        def evaluate_early(step: int) -> dict:
+            return evaluate_model(accelerator.unwrap_model(model), tokenizer, recipe.eval,
+                                  data.seq_len, data.world_seed, data.world_size, text_only=True)
+
+        started = time.time()
+        progress = train_loop(model, plan, recipe.train, steps, run, accelerator, trainable,
+                              resume=resume, evaluate=evaluate_early if recipe.eval else None)
+        model = accelerator.unwrap_model(model)
+        output = "adapter" if recipe.adapter.method != "full" else "model"
+        summary: dict = {"steps": progress.step, "tokens": progress.tokens,
+                         "train_seconds": round(progress.elapsed, 2),
+                         "final_loss": run.metrics()[-1].get("loss") if run.metrics() else None}
+        if accelerator.is_main_process:
+            method.save(model, tokenizer, run.path(output), base_ref=str(source.folder))
+            if base_metrics is not None:
+                say("Evaluating the adapted model ...")
+                adapted = evaluate_model(model, tokenizer, recipe.eval, data.seq_len,
+                                         data.world_seed, data.world_size)
+                report = gain_forgetting(base_metrics, adapted)
+                write_json(run.path("report.json"), report)
+                summary.update(domain_gain_pct=report["domain_gain_pct"],
+                               general_forgetting_pct=report["general_forgetting_pct"],
+                               base=base_metrics, adapted=adapted)
+                say(format_report(report))
+            summary["wall_seconds"] = round(time.time() - started, 2)
+            write_json(run.path("summary.json"), summary)
+            run.finish(summary, outputs={output: output, "base": source.ref})
+        accelerator.wait_for_everyone()
+    return run
+
+
+# ----------------------------------------------------------------------------------------------
+# eval
+
+
+def run_eval(recipe: EvalRecipe, ws: Workspace, run: Run | None = None, resume: bool = False) -> Run:
+    """Evaluate a model (or base + adapter); compare with its base when there is one."""
+    if run is None:
+        refs = [recipe.model.path] + ([recipe.base.path] if recipe.base else [])
+        run = ws.create_run("eval", recipe.name, recipe_to_yaml(recipe), recipe.seed,
+                            parents=_parents(*refs))
+    with ws.running(run):
+        seed_everything(recipe.seed)
+        model, tokenizer, source = load_model(recipe.model, ws)
+        check_seq_len(recipe.seq_len, model, str(source.folder))
+        args = (recipe.seq_len, recipe.world.seed, recipe.world.size)
+        metrics = evaluate_model(model, tokenizer, recipe.eval, *args)
+        base_metrics = None
+        if recipe.base is not None:
+            del model
+            base_model, base_tok, _ = load_model(recipe.base, ws)
+            base_metrics = evaluate_model(base_model, base_tok, recipe.eval, *args)
+        elif source.adapter is not None:
+            with model.disable_adapter():
+                base_metrics = evaluate_model(model, tokenizer, recipe.eval, *args)
+        summary: dict = {"model": metrics}
+        if base_metrics is not None:
+            report = gain_forgetting(base_metrics, metrics)
+            write_json(run.path("report.json"), report)
+            summary.update(base=base_metrics, domain_gain_pct=report["domain_gain_pct"],
+                           general_forgetting_pct=report["general_forgetting_pct"])
+            say(format_report(report, labels=("base", "model")))
+        else:
+            for key, value in metrics.items():
+                say(f"{key:28s} {value:.4f}")
+        write_json(run.path("summary.json"), summary)
+        run.finish(summary)
+    return run
+
+
+# ----------------------------------------------------------------------------------------------
+# pipeline and dispatch
+
+
+def _bind_stage_refs(stage, done: dict[str, str]):
+    """Replace `stage:<name>` model references with `run:<id>` of the finished stage."""
+    data = stage.model_dump()
+    for key in ("model", "base"):
+        spec = data.get(key)
+        if isinstance(spec, dict) and str(spec.get("path", "")).startswith("stage:"):
+            name = spec["path"].split(":", 1)[1]
+            if name not in done:
+                raise ValueError(f"stage '{stage.name}': {key}.path refers to stage '{name}', "
+                                 "which does not run before it")
+            spec["path"] = f"run:{done[name]}"
+    return type(stage).model_validate(data)
+
+
+def run_pipeline(recipe: PipelineRecipe, ws: Workspace, run: Run | None = None,
+                 resume: bool = False) -> Run:
+    run = run or ws.create_run("pipeline", recipe.name, recipe_to_yaml(recipe), 0)
+    with ws.running(run):
+        done: dict[str, str] = dict(run.info.get("outputs", {}).get("stages", {}))
+        for stage in recipe.stages:
+            if stage.name in done:
+                continue
+            say(f"== stage {stage.name} ({stage.kind}) ==")
+            child = run_recipe(_bind_stage_refs(stage, done), ws)
+            done[stage.name] = child.id
+            run.update(outputs={"stages": done})
+        run.finish({"stages": done}, outputs={"stages": done})
+    return run
+
+
+RUNNERS = {"train": run_train, "eval": run_eval, "pipeline": run_pipeline}
+
+
+def run_recipe(recipe, ws: Workspace) -> Run:
+    """Run any recipe in the workspace and return its (finished) run."""
+    if recipe.kind == "pretrain":
+        from .base import run_pretrain
+
+        return run_pretrain(recipe, ws)
+    return RUNNERS[recipe.kind](recipe, ws)
+
+
+def resume_run(ref: str, ws: Workspace) -> Run:
+    """Continue an interrupted, failed or stopped run from its last checkpoint."""
+    run = ws.get(ref)
+    if run.info.get("status") == "done":
+        raise ValueError(f"run {run.id} is already done")
+    if run.status == "running":
+        raise ValueError(f"run {run.id} is still running (pid {run.info.get('pid')})")
+    recipe = load_recipe(run.path("recipe.yaml"))
+    if recipe.kind == "pretrain":
+        from .base import run_pretrain
+
+        return run_pretrain(recipe, ws, run=run, resume=True)
+    return RUNNERS[recipe.kind](recipe, ws, run=run, resume=True)
+
