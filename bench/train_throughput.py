@@ -137,6 +137,11 @@ def build_setup(args):
     """Model with LoRA attached, on its device, and the packed rows; identical for both."""
     import torch
 
+    # Import both contestants' libraries up front, so that the memory baseline taken before
+    # training holds the same code for both and the growth is what training itself allocates.
+    import accelerate  # noqa: F401
+    import transformers.trainer  # noqa: F401
+    import workbench.engine  # noqa: F401
     from adapters.lora import LoraMethod
     from workbench.data import pack
     from workbench.models import build_model_from_config
@@ -254,7 +259,9 @@ def run_one(args) -> dict:
     import torch
 
     model, packed, device, info = build_setup(args)
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     result = (run_ours if args.only == "ours" else run_peer)(args, model, packed, device)
+    load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     ends = result.pop("ends")
     if len(ends) != args.steps:
         raise RuntimeError(f"{args.only}: timed {len(ends)} steps, expected {args.steps}")
@@ -270,7 +277,7 @@ def run_one(args) -> dict:
             "tokens_per_s": tokens / statistics.median(cadence),
             "in_step_s_median": statistics.median(in_step),
             "in_step_tokens_per_s": tokens / statistics.median(in_step),
-            "total_s": ends[-1], **info, **result}
+            "total_s": ends[-1], "load_average_1min": [load_before, load_after], **info, **result}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -391,7 +398,8 @@ def main(argv: list[str] | None = None) -> None:
             results[who].append(r)
             print(f"repeat {repeat + 1}/{args.repeats} {who:>4}: {r['tokens_per_s']:,.0f} tokens/s "
                   f"(in-step {r['in_step_tokens_per_s']:,.0f}), peak {fmt_mib(r['memory']['peak_mib'])}, "
-                  f"growth {fmt_mib(r['memory']['growth_mib'])}, loss {r['mean_loss']:.4f}", flush=True)
+                  f"growth {fmt_mib(r['memory']['growth_mib'])}, loss {r['mean_loss']:.4f}, "
+                  f"load average {r['load_average_1min'][0]:.1f}", flush=True)
     summary = summarize(results)
     first = results["ours"][0]
     report = {

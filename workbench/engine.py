@@ -173,6 +173,13 @@ def _barrier() -> None:
 # The loop
 
 
+def process_state():
+    """The process group of this run: DDP under `torchrun` / `accelerate launch` (gloo on CPU)."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def make_accelerator(precision: str):
     """Accelerator with bf16 autocast on a capable GPU when precision is auto or bf16."""
     from accelerate import Accelerator
@@ -181,7 +188,8 @@ def make_accelerator(precision: str):
         precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     if precision == "bf16" and not torch.cuda.is_available():
         use_bf16 = True  # CPU bf16 autocast, when asked for explicitly
-    return Accelerator(mixed_precision="bf16" if use_bf16 else "no")
+    process_state()
+    return Accelerator(mixed_precision="bf16" if use_bf16 else "no", cpu=not torch.cuda.is_available())
 
 
 def make_optimizer(params: list[torch.nn.Parameter], spec: TrainSpec, device: torch.device):

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, ValidationError,
+                      model_validator)
 
 
 class RecipeError(ValueError):
@@ -84,7 +85,17 @@ class FullSpec(Strict):
     method: Literal["full"] = "full"
 
 
-AdapterSpec = Annotated[Union[LoraSpec, FullSpec], Field(discriminator="method")]
+def _adapter_method(value: Any) -> str | None:
+    """The adapter section's method; LoRA when the section does not say."""
+    if isinstance(value, dict):
+        return value.get("method", "lora")
+    return getattr(value, "method", None)
+
+
+AdapterSpec = Annotated[
+    Union[Annotated[LoraSpec, Tag("lora")], Annotated[FullSpec, Tag("full")]],
+    Discriminator(_adapter_method),
+]
 
 
 class TrainSpec(Strict):

@@ -11,12 +11,11 @@ import time
 from contextlib import nullcontext
 
 import torch
-from accelerate import PartialState
 
 from adapters import get_method
 
 from .data import BatchPlan, DataError, pack_source
-from .engine import make_accelerator, seed_everything, train_loop
+from .engine import make_accelerator, process_state, seed_everything, train_loop
 from .evaluate import evaluate_model, format_report, gain_forgetting
 from .models import ModelLoadError, load_model, max_sequence_length
 from .recipes import (EvalRecipe, ModelSpec, PipelineRecipe, PretrainRecipe, TrainRecipe,
@@ -64,14 +63,14 @@ def run_train(recipe: TrainRecipe, ws: Workspace, run: Run | None = None, resume
     if run is None:
         from .models import resolve_source
 
-        state = PartialState()  # under torchrun / accelerate launch: one run folder for all ranks
+        state = process_state()  # under torchrun / accelerate launch: one run folder for all ranks
         run_id = None
         if state.is_main_process:
             base_source = resolve_source(recipe.model.path, ws)  # builds the default base if needed
             run_id = ws.create_run("train", recipe.name, recipe_to_yaml(recipe), recipe.seed,
                                    parents=_parents(base_source.ref)).id
         run = ws.get(broadcast_from_main(run_id))
-    with ws.running(run) if PartialState().is_main_process else nullcontext(run):
+    with ws.running(run) if process_state().is_main_process else nullcontext(run):
         seed_everything(recipe.seed)
         accelerator = make_accelerator(recipe.train.precision)
         model, tokenizer, source = load_model(recipe.model, ws)
