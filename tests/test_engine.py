@@ -147,3 +147,11 @@ def test_two_processes_match_one_process(workspace, tmp_path):
     assert len(two_proc) == 4
     # same global batch, loss normalised by the global token count: equal up to float reordering
     assert two_proc == pytest.approx(one_proc, rel=1e-4)
+
+
+def test_gradient_checkpointing_gives_the_same_losses(workspace):
+    plain = run_train(tiny_train_recipe(train__max_steps=3, train__checkpoint_every=0), workspace)
+    ckpt = run_train(tiny_train_recipe(train__max_steps=3, train__checkpoint_every=0,
+                                       train__gradient_checkpointing=True), workspace)
+    assert [m["loss"] for m in ckpt.metrics()] == pytest.approx(
+        [m["loss"] for m in plain.metrics()], rel=1e-5)

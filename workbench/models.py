@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
+from quant.bnb import BitsAndBytesUnavailable, bnb_quantization_config
+
 from .recipes import ModelSpec
 
 if TYPE_CHECKING:
@@ -255,20 +257,6 @@ def _auto_class(task: Task):
     }[task]
 
 
-def bnb_quantization_config(load_in: str, compute_dtype: torch.dtype):
-    """bitsandbytes config for a 4-bit (NF4, double quant) or 8-bit base; needs a CUDA GPU."""
-    if load_in == "none":
-        return None
-    if not torch.cuda.is_available():
-        raise ModelLoadError(f"model.load_in: '{load_in}' (bitsandbytes, QLoRA) needs a CUDA GPU; none is available")
-    from transformers import BitsAndBytesConfig
-
-    if load_in == "4bit":
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                  bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype)
-    return BitsAndBytesConfig(load_in_8bit=True)
-
-
 def load_tokenizer(folder: Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
@@ -291,7 +279,10 @@ def load_model(spec: ModelSpec, workspace: "Workspace | None" = None, task: Task
                         use_safetensors=fmt == "safetensors")
     if num_labels is not None:
         kwargs["num_labels"] = num_labels
-    quant = bnb_quantization_config(spec.load_in, dtype)
+    try:
+        quant = bnb_quantization_config(spec.load_in, dtype)
+    except BitsAndBytesUnavailable as err:
+        raise ModelLoadError(str(err)) from None
     if quant is not None:
         kwargs.update(quantization_config=quant, device_map={"": device.index or 0})
     try:

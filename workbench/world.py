@@ -757,27 +757,26 @@ def _general_document(rng: random.Random, base: FactBase, kind: str, subject: st
         country = next(c for c in base.entities["country"] if base.facts[(c, "capital")] == town)
         sentences.append(_state(rng, GENERAL_RELATIONS[0], country, town))
     sentences += [f.format(e=subject) for f in rng.sample(GENERAL_TOPIC_FILLER[kind], rng.randint(1, 2))]
-    rng.shuffle(sentences)
-    target = rng.randint(45, 95)
-    fillers = rng.sample(COMMON_SENSE, 6)
-    while _words(sentences) < target and fillers:
-        sentences.insert(rng.randint(0, len(sentences)), fillers.pop())
-    if rng.random() < 0.4:
-        sentences.insert(0, rng.choice(GENERAL_OPENERS[kind]).format(e=subject))
-    return " ".join(_capitalize(s) for s in sentences)
+    return _assemble(rng, sentences, (45, 95), COMMON_SENSE, GENERAL_OPENERS[kind], subject)
 
 
 def _domain_document(rng: random.Random, base: FactBase, kind: str, subject: str) -> str:
     """One domain document about a crystal: all its facts plus domain filler."""
     sentences = [_state(rng, rel, subject, base.facts[(subject, rel.name)]) for rel in base.relations]
     sentences += [f.format(e=subject) for f in rng.sample(DOMAIN_TOPIC_FILLER, rng.randint(1, 2))]
+    return _assemble(rng, sentences, (50, 100), DOMAIN_FILLER, DOMAIN_OPENERS, subject)
+
+
+def _assemble(rng: random.Random, sentences: list[str], words: tuple[int, int], filler: list[str],
+              openers: list[str], subject: str) -> str:
+    """Shuffle the fact sentences, pad with filler to a random length, maybe open with an opener."""
     rng.shuffle(sentences)
-    target = rng.randint(50, 100)
-    fillers = rng.sample(DOMAIN_FILLER, 6)
+    target = rng.randint(*words)
+    fillers = rng.sample(filler, 6)
     while _words(sentences) < target and fillers:
         sentences.insert(rng.randint(0, len(sentences)), fillers.pop())
     if rng.random() < 0.4:
-        sentences.insert(0, rng.choice(DOMAIN_OPENERS).format(e=subject))
+        sentences.insert(0, rng.choice(openers).format(e=subject))
     return " ".join(_capitalize(s) for s in sentences)
 
 

@@ -1,0 +1,1 @@
+"""Quantization: loading bases through bitsandbytes (QLoRA)."""
