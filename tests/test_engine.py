@@ -155,3 +155,27 @@ def test_gradient_checkpointing_gives_the_same_losses(workspace):
                                        train__gradient_checkpointing=True), workspace)
     assert [m["loss"] for m in ckpt.metrics()] == pytest.approx(
         [m["loss"] for m in plain.metrics()], rel=1e-5)
+
+
+def test_failed_run_resumes_without_evaluating_the_base_twice(workspace, monkeypatch):
+    from workbench.recipes import EvalSpec
+    from workbench.stages import resume_run
+
+    real = engine.token_loss_sum
+    calls = {"n": 0}
+
+    def poisoned(model, inputs, labels):
+        calls["n"] += 1
+        return real(model, inputs, labels) * (float("inf") if calls["n"] == 5 else 1.0)
+
+    monkeypatch.setattr(engine, "token_loss_sum", poisoned)
+    recipe = tiny_train_recipe(train__max_steps=6, name="evaluated",
+                               eval=EvalSpec(max_tokens=512, max_questions=2).model_dump())
+    with pytest.raises(TrainingDiverged, match="loss is inf at step 5"):
+        run_train(recipe, workspace)
+    monkeypatch.setattr(engine, "token_loss_sum", real)
+    run = resume_run([r for r in workspace.runs() if r.info["name"] == "evaluated"][0].id, workspace)
+    assert run.info["status"] == "done" and run.path("report.json").is_file()
+    steps = [m["step"] for m in run.metrics() if "loss" in m]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert len([m for m in run.metrics() if m["step"] == 0]) == 1

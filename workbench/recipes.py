@@ -290,7 +290,7 @@ _RECIPE_MODELS = {
 }
 
 
-def format_validation_error(err: ValidationError, data: Any, source: str) -> str:
+def format_validation_error(err: ValidationError, source: str) -> str:
     """One line per problem: `source: key.path: message (got value)`, with a typo suggestion."""
     lines = []
     for e in err.errors():
@@ -326,7 +326,7 @@ def parse_recipe(data: Any, source: str = "recipe") -> PretrainRecipe | TrainRec
     try:
         return _RECIPE.validate_python(data)
     except ValidationError as err:
-        raise RecipeError(format_validation_error(err, data, source)) from None
+        raise RecipeError(format_validation_error(err, source)) from None
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None):

@@ -92,10 +92,12 @@ def run_train(recipe: TrainRecipe, ws: Workspace, run: Run | None = None, resume
 
         base_metrics = None
         if recipe.eval is not None and accelerator.is_main_process:
-            say("Evaluating the base model ...")
-            base_metrics = evaluate_model(model, tokenizer, recipe.eval, data.seq_len,
-                                          data.world_seed, data.world_size)
-            run.append_metrics({"step": 0, **{f"eval/{k}": v for k, v in base_metrics.items()}})
+            base_metrics = _recorded_base_metrics(run) if resume else None
+            if base_metrics is None:
+                say("Evaluating the base model ...")
+                base_metrics = evaluate_model(model, tokenizer, recipe.eval, data.seq_len,
+                                              data.world_seed, data.world_size)
+                run.append_metrics({"step": 0, **{f"eval/{k}": v for k, v in base_metrics.items()}})
 
         method = get_method(recipe.adapter.method)
         torch.manual_seed(recipe.seed)
@@ -111,9 +113,10 @@ def run_train(recipe: TrainRecipe, ws: Workspace, run: Run | None = None, resume
                               resume=resume, evaluate=evaluate_early if recipe.eval else None)
         model = accelerator.unwrap_model(model)
         output = "adapter" if recipe.adapter.method != "full" else "model"
+        losses = [m["loss"] for m in run.metrics() if "loss" in m]
         summary: dict = {"steps": progress.step, "tokens": progress.tokens,
                          "train_seconds": round(progress.elapsed, 2),
-                         "final_loss": run.metrics()[-1].get("loss") if run.metrics() else None}
+                         "final_loss": losses[-1] if losses else None}
         if accelerator.is_main_process:
             method.save(model, tokenizer, run.path(output), base_ref=str(source.folder))
             if base_metrics is not None:
@@ -131,6 +134,14 @@ def run_train(recipe: TrainRecipe, ws: Workspace, run: Run | None = None, resume
             run.finish(summary, outputs={output: output, "base": source.ref})
         accelerator.wait_for_everyone()
     return run
+
+
+def _recorded_base_metrics(run: Run) -> dict | None:
+    """The base's metrics logged at step 0 by an earlier attempt of this run, if any."""
+    for row in run.metrics():
+        if row.get("step") == 0 and any(k.startswith("eval/") for k in row):
+            return {k.removeprefix("eval/"): v for k, v in row.items() if k.startswith("eval/")}
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
