@@ -184,15 +184,13 @@ def make_accelerator(precision: str):
     """Accelerator with bf16 autocast on a capable GPU when precision is auto or bf16."""
     from accelerate import Accelerator
 
-    use_bf16 = precision == "bf16" or (
+    use_bf16 = precision == "bf16" or (  # on CPU, bf16 autocast only when asked for
         precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-    if precision == "bf16" and not torch.cuda.is_available():
-        use_bf16 = True  # CPU bf16 autocast, when asked for explicitly
     process_state()
     return Accelerator(mixed_precision="bf16" if use_bf16 else "no", cpu=not torch.cuda.is_available())
 
 
-def make_optimizer(params: list[torch.nn.Parameter], spec: TrainSpec, device: torch.device):
+def make_optimizer(params: list[torch.nn.Parameter], spec: TrainSpec):
     """AdamW, fused where torch supports it for this device."""
     kwargs = dict(lr=spec.lr, weight_decay=spec.weight_decay)
     try:
@@ -201,11 +199,20 @@ def make_optimizer(params: list[torch.nn.Parameter], spec: TrainSpec, device: to
         return torch.optim.AdamW(params, **kwargs)
 
 
-def token_loss_sum(model, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Σ cross-entropy over target tokens (labels shifted by one; -100 ignored), in float32."""
-    logits = model(input_ids=inputs, use_cache=False).logits
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+def next_token_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Σ −log p(labels[t+1] | ≤ t) over target positions (-100 ignored), in float32.
+
+    The labels are shifted left (the last position gets -100) instead of slicing the logits, so
+    no logits-sized copy is made in the forward or the backward pass.
+    """
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
                            ignore_index=IGNORE, reduction="sum")
+
+
+def token_loss_sum(model, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The model's summed next-token loss on one micro-batch."""
+    return next_token_nll_sum(model(input_ids=inputs, use_cache=False).logits, labels)
 
 
 def train_loop(model, plan: BatchPlan, spec: TrainSpec, total_steps: int, run: Run, accelerator,
@@ -225,7 +232,7 @@ def train_loop(model, plan: BatchPlan, spec: TrainSpec, total_steps: int, run: R
     if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    optimizer = make_optimizer(list(trainable.values()), spec, accelerator.device)
+    optimizer = make_optimizer(list(trainable.values()), spec)
     model, optimizer = accelerator.prepare(model, optimizer)
     ckpt_dir = run.path("checkpoints")
     progress = Progress()

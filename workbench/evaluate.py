@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .data import IGNORE, encode_documents, pack, read_examples, read_texts
+from .engine import next_token_nll_sum
 from .recipes import EvalSpec
 
 
@@ -37,9 +38,7 @@ def text_metrics(model, tokenizer, texts: list[str], seq_len: int, max_tokens: i
     for start in range(0, len(packed), batch_size):
         x = packed.inputs[start:start + batch_size].to(device)
         y = packed.labels[start:start + batch_size].to(device)
-        logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()
-        nll += float(torch.nn.functional.cross_entropy(
-            logits.flatten(0, 1), y[:, 1:].flatten(), ignore_index=IGNORE, reduction="sum"))
+        nll += float(next_token_nll_sum(model(input_ids=x, use_cache=False).logits, y))
         tokens += int((y[:, 1:] != IGNORE).sum())
         for row in x[:, 1:].tolist():
             nbytes += len(tokenizer.decode(row, skip_special_tokens=True).encode("utf-8"))
