@@ -16,7 +16,8 @@ import torch
 class AdapterMethod(Protocol):
     name: str
 
-    def attach(self, model: torch.nn.Module, spec, task: str = "causal-lm") -> torch.nn.Module:
+    def attach(self, model: torch.nn.Module, spec, task: str = "causal-lm",
+               gradient_checkpointing: bool = False) -> torch.nn.Module:
         """Return the model with the adapter attached and only the adapter trainable."""
 
     def trainable_parameters(self, model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
