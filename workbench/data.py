@@ -4,7 +4,9 @@ Sources are `world:<split>` (the embedded world) or files: `.txt` (one document 
 `.jsonl` ({"text": ...} for text; {"prompt"|"question": ..., "answer": ...} for instructions).
 
 Packing: documents are joined with the end-of-text token into one stream and cut into rows of
-exactly `seq_len` tokens, so no position is padding. Instruction examples are packed the same way
+exactly `seq_len` tokens, so no position is padding. As in standard packed pretraining, documents
+that share a row attend to each other (no per-document attention mask); the end-of-text token is
+the boundary the model learns. Instruction examples are packed the same way
 with a parallel label stream in which prompt tokens are -100 (loss on answers only).
 
 The batch plan is a pure function of (seed, step): row k of the training stream in epoch e is

@@ -1,0 +1,290 @@
+"""Merging LoRA adapters into a base model tensor by tensor, without loading the model.
+
+`merge_lora_into_base` writes the exact merged model
+
+    θ = θ_base + Σ_i w_i · s_i · B_i · A_i
+
+for every adapted weight (s_i = α_i/r_i, or α_i/√r_i with rsLoRA), the other tensors unchanged.
+The update of each weight is the product B·A computed in float32 and added to the base tensor in
+float32, then cast back to the base tensor's dtype; A and B are never merged separately.
+
+Memory stays bounded: the base's safetensors shards are memory-mapped, and the output is written
+shard by shard (at most `max_shard_bytes` each), so at most one output shard is held in memory at
+a time, plus the adapters' factors. The shard layout follows transformers: a single
+`model.safetensors` when everything fits, else `model-0000k-of-0000N.safetensors` plus
+`model.safetensors.index.json`. The config, generation config and tokenizer files are copied.
+
+The write is atomic: everything goes into a hidden sibling folder `.<name>.partial`, renamed to
+the target at the end. An existing target is refused, and a failure half-way removes the partial
+folder. All checks that can be made from the file headers (every adapted weight exists in the
+base with the adapter's shape, factors are finite, the adapter format is one this merge handles)
+run before any weight is read or any output is written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from workbench.export import atomic_folder
+from workbench.models import read_safetensors_header
+
+from .task_vectors import LoraTaskVector
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                "special_tokens_map.json", "chat_template.jinja", "tokenizer.model",
+                "added_tokens.json")
+
+ExtraDeltas = Callable[[str], "torch.Tensor | None"]
+
+
+def merge_lora_into_base(base_folder: Path, adapters: list[tuple[Path, float]], out_folder: Path,
+                         max_shard_bytes: int = 2**31,
+                         extra_deltas: ExtraDeltas | None = None) -> Path:
+    """Write base + Σ w_i·s_i·B_i·A_i (+ `extra_deltas(name)` where given) to `out_folder`.
+
+    `adapters` holds (PEFT LoRA folder, weight) pairs; a negative weight subtracts an adapter.
+    `extra_deltas`, if given, is called with every tensor name and returns a float32 delta of the
+    tensor's shape to add as well, or None. Returns the output folder.
+
+    Raises FileExistsError if `out_folder` exists, ValueError (naming the tensor, and the adapter
+    folder where one is at fault) if an adapter does not fit the base or holds non-finite values.
+    """
+    base_folder, out_folder = Path(base_folder), Path(out_folder)
+    if max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    if out_folder.exists():
+        raise FileExistsError(f"{out_folder}: output folder already exists")
+
+    # Pre-flight: headers and factors only, no base weight is read.
+    layout = _base_layout(base_folder)  # name → (shard path, dtype, shape, nbytes), in file order
+    updates = _load_adapters(adapters, layout)  # name → [(B, A, w·s)]
+    shards = _plan_shards(layout, max_shard_bytes)
+
+    with atomic_folder(out_folder) as tmp:
+        weight_map = _write_shards(layout, shards, updates, extra_deltas, tmp)
+        if len(shards) > 1:
+            total = sum(nbytes for _, _, _, nbytes in layout.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        for name in COPIED_FILES:
+            if (base_folder / name).is_file():
+                shutil.copy2(base_folder / name, tmp / name)
+    return out_folder
+
+
+# ----------------------------------------------------------------------------------------------
+# Pre-flight
+
+
+def _base_layout(folder: Path) -> dict[str, tuple[Path, str, list[int], int]]:
+    """Every tensor of the base: (shard, safetensors dtype, shape, byte size), in storage order."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: base model folder not found")
+    index_path = folder / INDEX_NAME
+    if index_path.is_file():
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+        shard_files = sorted({folder / f for f in weight_map.values()})
+    else:
+        shard_files = sorted(folder.glob("*.safetensors"))
+    if not shard_files:
+        raise FileNotFoundError(f"{folder}: no safetensors weights in the base model folder")
+    layout: dict[str, tuple[Path, str, list[int], int]] = {}
+    for shard in shard_files:
+        header = read_safetensors_header(shard)
+        entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
+                         key=lambda kv: kv[1]["data_offsets"][0])
+        for name, entry in entries:
+            if name in layout:
+                raise ValueError(f"{folder}: tensor {name} is stored twice "
+                                 f"({layout[name][0].name} and {shard.name})")
+            start, end = entry["data_offsets"]
+            layout[name] = (shard, entry["dtype"], list(entry["shape"]), end - start)
+    return layout
+
+
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+
+
+def _load_adapters(adapters: list[tuple[Path, float]],
+                   layout: dict) -> dict[str, list[tuple[torch.Tensor, torch.Tensor, float]]]:
+    updates: dict[str, list[tuple[torch.Tensor, torch.Tensor, float]]] = {}
+    for folder, weight in adapters:
+        folder = Path(folder)
+        _check_adapter_format(folder)
+        vector = LoraTaskVector.from_peft_folder(folder)
+        for name, (b, a, scale) in vector.factors.items():
+            if name not in layout:
+                raise ValueError(f"tensor {name}: adapted by {folder} but not in the base model")
+            _, dtype, shape, _ = layout[name]
+            if b.ndim != 2 or a.ndim != 2 or b.shape[1] != a.shape[0]:
+                raise ValueError(f"tensor {name}: LoRA factors in {folder} do not chain "
+                                 f"(B {tuple(b.shape)}, A {tuple(a.shape)})")
+            if shape != [b.shape[0], a.shape[1]]:
+                raise ValueError(f"tensor {name}: shape {tuple(shape)} in the base but the adapter "
+                                 f"{folder} updates shape {(b.shape[0], a.shape[1])}")
+            if dtype not in FLOAT_DTYPES:
+                raise ValueError(f"tensor {name}: base dtype {dtype} cannot take a LoRA update")
+            for part, t in (("lora_B", b), ("lora_A", a)):
+                if not torch.isfinite(t).all():
+                    raise ValueError(f"tensor {name}: {part} in {folder} holds NaN or inf")
+            if not math.isfinite(weight * scale):
+                raise ValueError(f"tensor {name}: non-finite weight·scale for {folder}")
+            updates.setdefault(name, []).append((b, a, float(weight) * scale))
+    return updates
+
+
+def _check_adapter_format(folder: Path) -> None:
+    config_path = folder / "adapter_config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{folder}: no adapter_config.json (not a PEFT adapter folder)")
+    config = json.loads(config_path.read_text())
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{folder}: a {config['peft_type']} adapter, only LoRA can be merged here")
+    if config.get("use_dora"):
+        raise ValueError(f"{folder}: DoRA adapters are not supported by this merge")
+    if config.get("fan_in_fan_out"):
+        raise ValueError(f"{folder}: fan_in_fan_out adapters are not supported by this merge")
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{folder}: no adapter_model.safetensors")
+    # Anything besides lora_A/lora_B pairs (embedding LoRA, DoRA magnitudes, trained biases,
+    # fully trained modules) cannot be folded into W + s·B·A: refused rather than dropped.
+    for key in read_safetensors_header(weights):
+        if key != "__metadata__" and ".lora_A." not in key and ".lora_B." not in key:
+            raise ValueError(f"{folder}: tensor {key} cannot be merged by this merge "
+                             "(only lora_A/lora_B pairs of linear layers can)")
+
+
+def _plan_shards(layout: dict, max_shard_bytes: int) -> list[list[str]]:
+    """Greedy, in storage order: start a new shard when the next tensor would overflow this one."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, (_, _, _, nbytes) in layout.items():
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+
+
+def _write_shards(layout: dict, shards: list[list[str]], updates: dict,
+                  extra_deltas: ExtraDeltas | None, folder: Path) -> dict[str, str]:
+    n = len(shards)
+    weight_map: dict[str, str] = {}
+    with ExitStack() as stack:
+        handles: dict[Path, object] = {}
+        for k, names in enumerate(shards, start=1):
+            file_name = SINGLE_NAME if n == 1 else f"model-{k:05d}-of-{n:05d}.safetensors"
+            tensors = {}
+            for name in names:
+                shard_path = layout[name][0]
+                if shard_path not in handles:
+                    handles[shard_path] = stack.enter_context(
+                        safe_open(shard_path, framework="pt"))
+                tensors[name] = _merged_tensor(name, handles[shard_path].get_tensor(name),
+                                               updates.get(name, ()), extra_deltas)
+                weight_map[name] = file_name
+            save_file(tensors, folder / file_name, metadata={"format": "pt"})
+            del tensors
+    return weight_map
+
+
+def _merged_tensor(name: str, base: torch.Tensor, factors, extra_deltas) -> torch.Tensor:
+    delta = None
+    for b, a, coefficient in factors:
+        term = coefficient * (b @ a)
+        delta = term if delta is None else delta + term
+    if extra_deltas is not None:
+        extra = extra_deltas(name)
+        if extra is not None:
+            if tuple(extra.shape) != tuple(base.shape):
+                raise ValueError(f"tensor {name}: extra delta has shape {tuple(extra.shape)}, "
+                                 f"the base tensor {tuple(base.shape)}")
+            if not base.is_floating_point():
+                raise ValueError(f"tensor {name}: base dtype {base.dtype} cannot take a delta")
+            extra = extra.float()
+            delta = extra if delta is None else delta + extra
+    if delta is None:
+        return base.contiguous()
+    return (base.float() + delta).to(base.dtype).contiguous()
+
+
+# ----------------------------------------------------------------------------------------------
+# Rank concatenation
+
+
+def lora_concat_adapter(adapters: list[tuple[Path, float]], out_folder: Path) -> Path:
+    """One LoRA adapter whose update is exactly Σ w_i·s_i·B_i·A_i, by stacking ranks.
+
+    For each adapted weight, A = [A_1; A_2; …] and B = [w_1 s_1 B_1 | w_2 s_2 B_2 | …] with rank
+    r = Σ r_i and scale 1 (lora_alpha = r, no rsLoRA), so B·A is the weighted sum of the updates.
+    A weight that some adapter does not adapt gets zero factors for that adapter's block, so every
+    weight has the same rank. The result is a plain PEFT folder (`PeftModel.from_pretrained`
+    loads it); it is written atomically like `merge_lora_into_base`.
+    """
+    out_folder = Path(out_folder)
+    if out_folder.exists():
+        raise FileExistsError(f"{out_folder}: output folder already exists")
+    if not adapters:
+        raise ValueError("no adapters to concatenate")
+    vectors = []
+    for folder, weight in adapters:
+        folder = Path(folder)
+        _check_adapter_format(folder)
+        vector = LoraTaskVector.from_peft_folder(folder)
+        for name, (b, a, _) in vector.factors.items():
+            for part, t in (("lora_B", b), ("lora_A", a)):
+                if not torch.isfinite(t).all():
+                    raise ValueError(f"tensor {name}: {part} in {folder} holds NaN or inf")
+        ranks = {a.shape[0] for b, a, _ in vector.factors.values()}
+        if len(ranks) != 1:
+            raise ValueError(f"{folder}: adapted weights have different ranks {sorted(ranks)}")
+        vectors.append((folder, float(weight), vector, ranks.pop()))
+    names = sorted(set().union(*(v.factors for _, _, v, _ in vectors)))
+    total_rank = sum(r for *_, r in vectors)
+    tensors = {}
+    for name in names:
+        shape = None
+        for folder, _, vector, _ in vectors:
+            if name in vector.factors:
+                b, a, _ = vector.factors[name]
+                if shape is not None and shape != (b.shape[0], a.shape[1]):
+                    raise ValueError(f"tensor {name}: shape {(b.shape[0], a.shape[1])} in {folder} "
+                                     f"differs from {shape} in another adapter")
+                shape = (b.shape[0], a.shape[1])
+        a_blocks, b_blocks = [], []
+        for _, weight, vector, r in vectors:
+            if name in vector.factors:
+                b, a, scale = vector.factors[name]
+                a_blocks.append(a)
+                b_blocks.append(weight * scale * b)
+            else:
+                a_blocks.append(torch.zeros(r, shape[1]))
+                b_blocks.append(torch.zeros(shape[0], r))
+        key = "base_model.model." + name.removesuffix(".weight")
+        tensors[f"{key}.lora_A.weight"] = torch.cat(a_blocks, dim=0).contiguous()
+        tensors[f"{key}.lora_B.weight"] = torch.cat(b_blocks, dim=1).contiguous()
+
+    config = json.loads((vectors[0][0] / "adapter_config.json").read_text())
+    config.update(r=total_rank, lora_alpha=total_rank, use_rslora=False, rank_pattern={},
+                  alpha_pattern={}, target_modules=[n.removesuffix(".weight") for n in names])
+    with atomic_folder(out_folder) as tmp:
+        save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return out_folder

@@ -1,0 +1,261 @@
+"""Streaming merge of LoRA adapters into a base: exact weights, loadable output, shards, atomicity."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from merge.streaming import merge_lora_into_base
+from workbench.models import build_model_from_config
+
+VOCAB = 64
+INPUT_IDS = torch.tensor([[1, 5, 9, 13, 2, 40, 63, 7]])
+
+
+def _make_adapter(folder: Path, r: int, alpha: int, use_rslora: bool, seed: int, **overrides):
+    from peft import LoraConfig, get_peft_model
+
+    model = build_model_from_config("llama-tiny", vocab_size=VOCAB, **overrides)
+    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules="all-linear",
+                                                  use_rslora=use_rslora, lora_dropout=0.0))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:  # zero at init: make the update non-zero
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
+    peft_model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("streaming")
+    base = root / "base"
+    build_model_from_config("llama-tiny", vocab_size=VOCAB).save_pretrained(
+        base, safe_serialization=True)
+    first = _make_adapter(root / "first", r=2, alpha=4, use_rslora=False, seed=1)
+    second = _make_adapter(root / "second", r=4, alpha=8, use_rslora=True, seed=2)
+    return root, base, first, second
+
+
+def _hand_updates(adapters) -> dict[str, torch.Tensor]:
+    """Σ w·s·B·A per weight, read directly from the adapters' files."""
+    total: dict[str, torch.Tensor] = {}
+    for folder, weight in adapters:
+        config = json.loads((folder / "adapter_config.json").read_text())
+        r, alpha = config["r"], config["lora_alpha"]
+        scale = alpha / math.sqrt(r) if config["use_rslora"] else alpha / r
+        raw = load_file(folder / "adapter_model.safetensors")
+        for key, a in raw.items():
+            if ".lora_A." not in key:
+                continue
+            b = raw[key.replace(".lora_A.", ".lora_B.")]
+            name = key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
+            term = weight * scale * (b.float() @ a.float())
+            total[name] = total[name] + term if name in total else term
+    return total
+
+
+def _logits(folder_or_model) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = folder_or_model
+    if isinstance(folder_or_model, Path):
+        model = AutoModelForCausalLM.from_pretrained(folder_or_model)
+    model.eval()
+    with torch.no_grad():
+        return model(INPUT_IDS).logits
+
+
+def _all_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(shard))
+    return tensors
+
+
+def test_merged_weights_match_hand_computation(setup):
+    root, base, first, second = setup
+    adapters = [(first, 0.7), (second, -0.3)]
+    out = merge_lora_into_base(base, adapters, root / "merged_weights")
+    merged, original = _all_tensors(out), load_file(base / "model.safetensors")
+    updates = _hand_updates(adapters)
+    assert set(merged) == set(original)
+    assert len(updates) == 14  # 7 linear layers × 2 decoder layers
+    for name, tensor in original.items():
+        assert merged[name].dtype == tensor.dtype
+        if name in updates:
+            assert not torch.equal(merged[name], tensor)
+            torch.testing.assert_close(merged[name], tensor + updates[name], atol=1e-6, rtol=0)
+        else:
+            assert torch.equal(merged[name], tensor)
+    assert (out / "config.json").read_text() == (base / "config.json").read_text()
+    assert (out / "generation_config.json").is_file()
+    assert not (out / "model.safetensors.index.json").exists()
+    assert not (root / ".merged_weights.partial").exists()
+
+
+def test_merged_folder_loads_with_expected_logits(setup):
+    from transformers import AutoModelForCausalLM
+
+    root, base, first, second = setup
+    adapters = [(first, 0.7), (second, -0.3)]
+    out = merge_lora_into_base(base, adapters, root / "merged_logits")
+    reference = AutoModelForCausalLM.from_pretrained(base)
+    with torch.no_grad():
+        for name, update in _hand_updates(adapters).items():
+            reference.get_parameter(name).add_(update)
+    torch.testing.assert_close(_logits(out), _logits(reference), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("which", ["first", "second"])
+def test_single_adapter_matches_peft_merge_and_unload(setup, which):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    root, base, first, second = setup
+    adapter = first if which == "first" else second
+    out = merge_lora_into_base(base, [(adapter, 1.0)], root / f"merged_single_{which}")
+    peft_merged = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base), adapter).merge_and_unload()
+    torch.testing.assert_close(_logits(out), _logits(peft_merged), atol=1e-5, rtol=0)
+
+
+def test_sharded_output_has_index_and_same_logits(setup):
+    root, base, first, second = setup
+    adapters = [(first, 0.7), (second, -0.3)]
+    single = merge_lora_into_base(base, adapters, root / "merged_unsharded")
+    max_bytes = 20_000
+    sharded = merge_lora_into_base(base, adapters, root / "merged_sharded", max_shard_bytes=max_bytes)
+    shards = sorted(sharded.glob("*.safetensors"))
+    assert len(shards) > 2
+    assert [s.name for s in shards] == [f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+                                        for k in range(1, len(shards) + 1)]
+    assert all(s.stat().st_size <= max_bytes + 4096 for s in shards)  # data ≤ limit, plus header
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    tensors = _all_tensors(sharded)
+    assert set(index["weight_map"]) == set(tensors) == set(load_file(single / "model.safetensors"))
+    for name, file_name in index["weight_map"].items():
+        assert name in load_file(sharded / file_name)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size()
+                                                  for t in tensors.values())
+    assert torch.equal(_logits(sharded), _logits(single))
+
+
+def test_existing_output_is_refused_and_untouched(setup):
+    root, base, first, _ = setup
+    target = root / "existing"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="existing"):
+        merge_lora_into_base(base, [(first, 1.0)], target)
+    assert [p.name for p in target.iterdir()] == ["keep.txt"]
+    assert (target / "keep.txt").read_text() == "mine"
+    assert not (root / ".existing.partial").exists()
+
+
+def test_failure_half_way_leaves_no_output(setup, monkeypatch):
+    import merge.streaming as streaming
+
+    root, base, first, _ = setup
+    seen, written = [], []
+    save = streaming.save_file
+
+    def recording_save(tensors, path, metadata=None):
+        written.append(path.name)
+        save(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(streaming, "save_file", recording_save)
+
+    def failing(name):
+        seen.append(name)
+        if len(seen) == 3:
+            raise RuntimeError("delta source failed")
+        return None
+
+    with pytest.raises(RuntimeError, match="delta source failed"):
+        merge_lora_into_base(base, [(first, 1.0)], root / "failed", max_shard_bytes=4096,
+                             extra_deltas=failing)
+    assert len(seen) == 3
+    assert written  # shards were already on disk when the failure came
+    assert not (root / "failed").exists()
+    assert not (root / ".failed.partial").exists()
+
+
+def test_extra_deltas_are_added(setup):
+    root, base, first, _ = setup
+    name = "model.layers.1.mlp.down_proj.weight"
+    original = load_file(base / "model.safetensors")
+    extra = torch.full(original[name].shape, 0.25)
+    out = merge_lora_into_base(base, [(first, 0.5)], root / "merged_extra",
+                               extra_deltas=lambda n: extra if n == name else None)
+    expected = original[name] + _hand_updates([(first, 0.5)])[name] + extra
+    torch.testing.assert_close(load_file(out / "model.safetensors")[name], expected, atol=1e-6, rtol=0)
+
+
+def test_shape_mismatch_is_refused_before_writing(setup):
+    root, base, first, _ = setup
+    wide = _make_adapter(root / "wide", r=2, alpha=4, use_rslora=False, seed=3,
+                         hidden_size=48, intermediate_size=96)
+    with pytest.raises(ValueError) as excinfo:
+        merge_lora_into_base(base, [(first, 1.0), (wide, 1.0)], root / "merged_wide")
+    message = str(excinfo.value)
+    assert "tensor model.layers." in message and ".weight" in message and str(wide) in message
+    assert not (root / "merged_wide").exists()
+    assert not (root / ".merged_wide.partial").exists()
+
+
+def test_non_finite_factor_is_refused(setup):
+    root, base, first, _ = setup
+    broken = root / "broken"
+    shutil.copytree(first, broken)
+    raw = load_file(broken / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
+    raw[key][0, 0] = float("nan")
+    save_file(raw, broken / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.self_attn\.v_proj\.weight"):
+        merge_lora_into_base(base, [(broken, 1.0)], root / "merged_broken")
+    assert not (root / "merged_broken").exists()
+    assert not (root / ".merged_broken.partial").exists()
+
+
+def test_bfloat16_base_keeps_its_dtype(setup, tmp_path):
+    root, _, first, _ = setup
+    base = tmp_path / "base_bf16"
+    build_model_from_config("llama-tiny", vocab_size=VOCAB).to(torch.bfloat16).save_pretrained(
+        base, safe_serialization=True)
+    out = merge_lora_into_base(base, [(first, 1.0)], tmp_path / "merged_bf16")
+    merged, original = load_file(out / "model.safetensors"), load_file(base / "model.safetensors")
+    updates = _hand_updates([(first, 1.0)])
+    for name, tensor in original.items():
+        assert merged[name].dtype == torch.bfloat16
+        expected = (tensor.float() + updates[name]).to(torch.bfloat16) if name in updates else tensor
+        assert torch.equal(merged[name], expected)
+
+
+def test_concatenated_adapter_equals_weighted_sum(setup):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from merge.streaming import lora_concat_adapter
+
+    root, base, first, second = setup
+    adapters = [(first, 0.7), (second, -0.3)]
+    concat = lora_concat_adapter(adapters, root / "concat")
+    config = json.loads((concat / "adapter_config.json").read_text())
+    assert config["r"] == 6 and config["lora_alpha"] == 6 and not config["use_rslora"]
+    expected, got = _hand_updates(adapters), _hand_updates([(concat, 1.0)])
+    assert set(got) == set(expected)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=0)
+    merged = merge_lora_into_base(base, adapters, root / "merged_for_concat")
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), concat)
+    torch.testing.assert_close(_logits(peft_model), _logits(merged), atol=1e-5, rtol=0)
+    with pytest.raises(FileExistsError):
+        lora_concat_adapter(adapters, concat)
