@@ -229,14 +229,16 @@ def _merged_tensor(name: str, base: torch.Tensor, factors, extra_deltas) -> torc
 # Rank concatenation
 
 
-def lora_concat_adapter(adapters: list[tuple[Path, float]], out_folder: Path) -> Path:
+def lora_concat_adapter(adapters: list[tuple[Path, float]], out_folder: Path,
+                        base_model: str | None = None) -> Path:
     """One LoRA adapter whose update is exactly Σ w_i·s_i·B_i·A_i, by stacking ranks.
 
     For each adapted weight, A = [A_1; A_2; …] and B = [w_1 s_1 B_1 | w_2 s_2 B_2 | …] with rank
     r = Σ r_i and scale 1 (lora_alpha = r, no rsLoRA), so B·A is the weighted sum of the updates.
     A weight that some adapter does not adapt gets zero factors for that adapter's block, so every
     weight has the same rank. The result is a plain PEFT folder (`PeftModel.from_pretrained`
-    loads it); it is written atomically like `merge_lora_into_base`.
+    loads it); it is written atomically like `merge_lora_into_base`. `base_model` is recorded as
+    its `base_model_name_or_path` (by default the first adapter's).
     """
     out_folder = Path(out_folder)
     if out_folder.exists():
@@ -284,6 +286,8 @@ def lora_concat_adapter(adapters: list[tuple[Path, float]], out_folder: Path) ->
     config = json.loads((vectors[0][0] / "adapter_config.json").read_text())
     config.update(r=total_rank, lora_alpha=total_rank, use_rslora=False, rank_pattern={},
                   alpha_pattern={}, target_modules=[n.removesuffix(".weight") for n in names])
+    if base_model is not None:
+        config["base_model_name_or_path"] = base_model
     with atomic_folder(out_folder) as tmp:
         save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -1,6 +1,6 @@
 """Recipes: the pydantic schema behind YAML files, the CLI and the UI.
 
-One model per stage kind (`pretrain`, `train`, `eval`) plus `pipeline`, which chains stages by
+One model per stage kind (`pretrain`, `train`, `eval`, `merge`) plus `pipeline`, which chains stages by
 name. Unknown keys are errors; every error names the file, the key, the value and what is allowed.
 """
 
@@ -213,7 +213,35 @@ class EvalRecipe(Strict):
     eval: EvalSpec = Field(default_factory=EvalSpec)
 
 
-StageRecipe = Annotated[Union[PretrainRecipe, TrainRecipe, EvalRecipe], Field(discriminator="kind")]
+class MergeInput(Strict):
+    """One adapter to merge: `run:<id>` of a LoRA training run, or a PEFT LoRA folder."""
+
+    path: str
+    weight: float = 1.0
+
+
+class MergeRecipe(Strict):
+    """Exact task arithmetic over LoRA adapters: θ = θ_base + Σ w_i·s_i·B_i·A_i.
+
+    `output: model` streams the merged weights into a sharded Hugging Face folder; `output:
+    adapter` writes one PEFT adapter of rank Σ r_i with exactly the same update.
+    """
+
+    kind: Literal["merge"] = "merge"
+    name: str = "merge"
+    seed: int = 0
+    base: ModelSpec | None = Field(
+        None, description="Merge onto this model; by default the adapters' own (shared) base.")
+    adapters: list[MergeInput] = Field(min_length=1)
+    output: Literal["model", "adapter"] = "model"
+    max_shard_mb: int = Field(2048, ge=1)
+    world: WorldSpec = Field(default_factory=WorldSpec)
+    seq_len: int = Field(128, ge=8)
+    eval: EvalSpec | None = None
+
+
+StageRecipe = Annotated[Union[PretrainRecipe, TrainRecipe, EvalRecipe, MergeRecipe],
+                        Field(discriminator="kind")]
 
 
 class PipelineRecipe(Strict):
@@ -233,10 +261,11 @@ class PipelineRecipe(Strict):
 
 
 Recipe = Annotated[
-    Union[PretrainRecipe, TrainRecipe, EvalRecipe, PipelineRecipe], Field(discriminator="kind")
+    Union[PretrainRecipe, TrainRecipe, EvalRecipe, MergeRecipe, PipelineRecipe],
+    Field(discriminator="kind"),
 ]
 _RECIPE = TypeAdapter(Recipe)
-KINDS = ("pretrain", "train", "eval", "pipeline")
+KINDS = ("pretrain", "train", "eval", "merge", "pipeline")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -285,7 +314,7 @@ def _resolve_loc(loc: tuple) -> tuple[list, type[BaseModel] | None]:
 
 
 _RECIPE_MODELS = {
-    "pretrain": PretrainRecipe, "train": TrainRecipe, "eval": EvalRecipe,
+    "pretrain": PretrainRecipe, "train": TrainRecipe, "eval": EvalRecipe, "merge": MergeRecipe,
     "pipeline": PipelineRecipe,
 }
 
@@ -315,7 +344,7 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def parse_recipe(data: Any, source: str = "recipe") -> PretrainRecipe | TrainRecipe | EvalRecipe | PipelineRecipe:
+def parse_recipe(data: Any, source: str = "recipe"):
     """Validate a recipe given as a dict; raise RecipeError naming key, value and what is allowed."""
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe is a mapping with a 'kind' key ({', '.join(KINDS)})")

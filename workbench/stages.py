@@ -18,8 +18,8 @@ from .data import BatchPlan, DataError, pack_source
 from .engine import make_accelerator, process_state, seed_everything, train_loop
 from .evaluate import evaluate_model, format_report, gain_forgetting
 from .models import ModelLoadError, load_model, max_sequence_length
-from .recipes import (EvalRecipe, ModelSpec, PipelineRecipe, PretrainRecipe, TrainRecipe,
-                      TrainSpec, load_recipe, recipe_to_yaml)
+from .recipes import (EvalRecipe, MergeRecipe, ModelSpec, PipelineRecipe, PretrainRecipe,
+                      TrainRecipe, TrainSpec, load_recipe, recipe_to_yaml)
 from .workspace import Run, Workspace, write_json
 
 
@@ -184,14 +184,71 @@ def run_eval(recipe: EvalRecipe, ws: Workspace, run: Run | None = None, resume: 
 
 
 # ----------------------------------------------------------------------------------------------
+# merge
+
+
+def run_merge(recipe: MergeRecipe, ws: Workspace, run: Run | None = None, resume: bool = False) -> Run:
+    """Exact task arithmetic over LoRA adapters, streamed into a model folder or one adapter."""
+    from merge.streaming import lora_concat_adapter, merge_lora_into_base
+
+    from .models import resolve_source
+
+    sources = [resolve_source(item.path, ws) for item in recipe.adapters]
+    for i, (item, source) in enumerate(zip(recipe.adapters, sources)):
+        if source.adapter is None:
+            raise ModelLoadError(f"adapters.{i}.path '{item.path}' is a model, not a LoRA adapter")
+    if recipe.base is not None:
+        base = resolve_source(recipe.base.path, ws)
+    else:
+        folders = sorted({str(s.folder) for s in sources})
+        if len(folders) > 1:
+            raise ModelLoadError("the adapters were trained on different bases "
+                                 f"({', '.join(folders)}); set `base:` to merge onto one of them")
+        base = sources[0]
+    if run is None:
+        refs = [item.path for item in recipe.adapters] + [base.ref]
+        run = ws.create_run("merge", recipe.name, recipe_to_yaml(recipe), recipe.seed,
+                            parents=_parents(*refs))
+    with ws.running(run):
+        pairs = [(source.adapter, item.weight) for item, source in zip(recipe.adapters, sources)]
+        output = run.path(recipe.output)
+        if not output.exists():  # a resumed merge keeps an output it already finished
+            if recipe.output == "model":
+                merge_lora_into_base(base.folder, pairs, output,
+                                     max_shard_bytes=recipe.max_shard_mb * 2**20)
+            else:
+                lora_concat_adapter(pairs, output, base_model=str(base.folder))
+        outputs = {"model": "model"} if recipe.output == "model" else {"adapter": "adapter",
+                                                                       "base": base.ref}
+        summary: dict = {"adapters": [[str(a), w] for a, w in pairs], "base": base.ref}
+        if recipe.eval is not None:
+            merged, tokenizer, _ = load_model(ModelSpec(path=str(output)), ws)
+            args = (recipe.seq_len, recipe.world.seed, recipe.world.size)
+            merged_metrics = evaluate_model(merged, tokenizer, recipe.eval, *args)
+            del merged
+            base_model, base_tok, _ = load_model(ModelSpec(path=base.ref), ws)
+            report = gain_forgetting(evaluate_model(base_model, base_tok, recipe.eval, *args),
+                                     merged_metrics)
+            write_json(run.path("report.json"), report)
+            summary.update(domain_gain_pct=report["domain_gain_pct"],
+                           general_forgetting_pct=report["general_forgetting_pct"],
+                           merged=merged_metrics)
+            say(format_report(report, labels=("base", "merged")))
+        write_json(run.path("summary.json"), summary)
+        run.finish(summary, outputs=outputs)
+    return run
+
+
+# ----------------------------------------------------------------------------------------------
 # pipeline and dispatch
 
 
 def _bind_stage_refs(stage, done: dict[str, str]):
-    """Replace `stage:<name>` model references with `run:<id>` of the finished stage."""
+    """Replace `stage:<name>` references (model, base, adapters) with `run:<id>` of that stage."""
     data = stage.model_dump()
-    for key in ("model", "base"):
-        spec = data.get(key)
+    specs = [(key, data.get(key)) for key in ("model", "base")]
+    specs += [(f"adapters.{i}", spec) for i, spec in enumerate(data.get("adapters") or [])]
+    for key, spec in specs:
         if isinstance(spec, dict) and str(spec.get("path", "")).startswith("stage:"):
             name = spec["path"].split(":", 1)[1]
             if name not in done:
@@ -217,7 +274,7 @@ def run_pipeline(recipe: PipelineRecipe, ws: Workspace, run: Run | None = None,
     return run
 
 
-RUNNERS = {"train": run_train, "eval": run_eval, "pipeline": run_pipeline}
+RUNNERS = {"train": run_train, "eval": run_eval, "merge": run_merge, "pipeline": run_pipeline}
 
 
 def run_recipe(recipe, ws: Workspace) -> Run:
