@@ -195,12 +195,8 @@ def tensor_generator(seed: int, name: str) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
-def merge_tensors(method: str, deltas: list[Tensor], weights: list[float], name: str, seed: int = 0,
-                  **params: float | str) -> Tensor:
-    """Merge the task vectors `deltas` of tensor `name` with `method`; returns the float32 delta.
-
-    Parameters a method does not list are refused; those not given take their defaults.
-    """
+def check_parameters(method: str, params: dict) -> dict[str, float | str]:
+    """Every parameter of `method`, given or default, checked; unknown ones are refused."""
     if method not in METHODS:
         raise ValueError(f"unknown merge method {method!r}; known methods: {', '.join(sorted(METHODS))}")
     spec = METHODS[method]
@@ -209,7 +205,17 @@ def merge_tensors(method: str, deltas: list[Tensor], weights: list[float], name:
     if unknown:
         raise ValueError(f"{method}: unknown parameter(s) {', '.join(unknown)}; "
                          f"its parameters are {', '.join(known)}")
-    values = {p.name: p.check(method, params.get(p.name, p.default)) for p in spec.parameters}
+    return {p.name: p.check(method, params.get(p.name, p.default)) for p in spec.parameters}
+
+
+def merge_tensors(method: str, deltas: list[Tensor], weights: list[float], name: str, seed: int = 0,
+                  **params: float | str) -> Tensor:
+    """Merge the task vectors `deltas` of tensor `name` with `method`; returns the float32 delta.
+
+    Parameters a method does not list are refused; those not given take their defaults.
+    """
+    values = check_parameters(method, params)
+    spec = METHODS[method]
 
     if not deltas:
         raise ValueError(f"tensor {name!r}: no task vectors to merge")

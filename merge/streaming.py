@@ -67,7 +67,7 @@ def merge_lora_into_base(base_folder: Path, adapters: list[tuple[Path, float]], 
         raise FileExistsError(f"{out_folder}: output folder already exists")
 
     # Pre-flight: headers and factors only, no base weight is read.
-    layout = _base_layout(base_folder)  # name → (shard path, dtype, shape, nbytes), in file order
+    layout = model_layout(base_folder)  # name → (shard path, dtype, shape, nbytes), in file order
     updates = _load_adapters(adapters, layout)  # name → [(B, A, w·s)]
     shards = _plan_shards(layout, max_shard_bytes)
 
@@ -87,7 +87,7 @@ def merge_lora_into_base(base_folder: Path, adapters: list[tuple[Path, float]], 
 # Pre-flight
 
 
-def _base_layout(folder: Path) -> dict[str, tuple[Path, str, list[int], int]]:
+def model_layout(folder: Path) -> dict[str, tuple[Path, str, list[int], int]]:
     """Every tensor of the base: (shard, safetensors dtype, shape, byte size), in storage order."""
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: base model folder not found")

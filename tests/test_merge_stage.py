@@ -1,4 +1,5 @@
-"""The merge stage: exact task arithmetic over LoRA runs, as a model folder or one adapter."""
+"""The merge stage: LoRA runs merged exactly (model folder or one adapter), full models merged by
+task arithmetic and TIES, each checked against the update computed by hand."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def two_adapters(workspace):
 
 def test_merged_model_is_base_plus_weighted_lora_updates(workspace, two_adapters):
     domain, general = two_adapters
-    recipe = MergeRecipe(adapters=[MergeInput(path=f"run:{domain.id}", weight=0.7),
+    recipe = MergeRecipe(inputs=[MergeInput(path=f"run:{domain.id}", weight=0.7),
                                    MergeInput(path=f"run:{general.id}", weight=-0.3)],
                          eval={"max_tokens": 512, "max_questions": 2}, world={"size": "tiny"},
                          seq_len=64)
@@ -44,19 +45,59 @@ def test_merged_model_is_base_plus_weighted_lora_updates(workspace, two_adapters
 
 def test_merged_adapter_has_the_summed_rank_and_the_same_update(workspace, two_adapters):
     domain, general = two_adapters
-    recipe = MergeRecipe(output="adapter", adapters=[MergeInput(path=f"run:{domain.id}"),
+    recipe = MergeRecipe(output="adapter", inputs=[MergeInput(path=f"run:{domain.id}"),
                                                      MergeInput(path=f"run:{general.id}")])
     run = run_merge(recipe, workspace)
     config = json.loads(run.path("adapter", "adapter_config.json").read_text())
     assert config["r"] == 8  # 4 + 4
     concat, tokenizer, _ = load_model(ModelSpec(path=f"run:{run.id}"), workspace)
-    model_run = run_merge(MergeRecipe(adapters=recipe.adapters), workspace)
+    model_run = run_merge(MergeRecipe(inputs=recipe.inputs), workspace)
     full, _, _ = load_model(ModelSpec(path=f"run:{model_run.id}"), workspace)
     ids = tokenizer(["Every crystal on the planet"], return_tensors="pt")["input_ids"]
     with torch.no_grad():
         assert torch.allclose(concat(input_ids=ids).logits, full(input_ids=ids).logits, atol=1e-5)
 
 
-def test_a_model_is_not_an_adapter(workspace):
-    with pytest.raises(ModelLoadError, match="adapters.0.path 'default' is a model, not a LoRA adapter"):
-        run_merge(MergeRecipe(adapters=[MergeInput(path="default")]), workspace)
+def test_a_model_without_a_known_base_needs_one(workspace):
+    with pytest.raises(ValueError, match="inputs.0.path 'default' is a model whose base is unknown"):
+        run_merge(MergeRecipe(inputs=[MergeInput(path="default")]), workspace)
+    with pytest.raises(ValueError, match="dare: p .* must be in"):
+        MergeRecipe(inputs=[MergeInput(path="x")], method="dare", parameters={"p": 1.5})
+
+
+@pytest.fixture
+def two_full_models(workspace):
+    runs = [run_train(tiny_train_recipe(name=f"full-{i}", seed=i, adapter={"method": "full"},
+                                        train__lr=1e-3, train__checkpoint_every=0), workspace)
+            for i in (0, 1)]
+    base_folder = load_model(ModelSpec(path="default"), workspace)[2].folder
+    base = load_file(base_folder / "model.safetensors")
+    taus = [{k: v.float() - base[k].float()
+             for k, v in load_file(r.path("model", "model.safetensors")).items()} for r in runs]
+    return runs, base, taus
+
+
+def test_full_models_task_arithmetic_by_hand(workspace, two_full_models):
+    runs, base, taus = two_full_models
+    run = run_merge(MergeRecipe(inputs=[MergeInput(path=f"run:{runs[0].id}", weight=0.5),
+                                        MergeInput(path=f"run:{runs[1].id}", weight=0.5)],
+                                parameters={"scale": 2.0}), workspace)
+    merged = load_file(run.path("model", "model.safetensors"))
+    for name in ("model.embed_tokens.weight", "model.layers.2.self_attn.o_proj.weight"):
+        by_hand = base[name] + 2.0 * (0.5 * taus[0][name] + 0.5 * taus[1][name])
+        assert torch.allclose(merged[name], by_hand, atol=1e-6), name
+
+
+def test_full_models_ties_equals_the_method_on_each_tensor(workspace, two_full_models):
+    from merge.methods import merge_tensors
+
+    runs, base, taus = two_full_models
+    params = {"density": 0.3, "ties_divisor": "weight_sum"}
+    run = run_merge(MergeRecipe(inputs=[MergeInput(path=f"run:{r.id}") for r in runs],
+                                method="ties", parameters=params, seed=5), workspace)
+    merged = load_file(run.path("model", "model.safetensors"))
+    name = "model.layers.0.mlp.gate_proj.weight"
+    delta = merge_tensors("ties", [taus[0][name], taus[1][name]], [1.0, 1.0], name, 5, **params)
+    assert torch.allclose(merged[name], base[name] + delta, atol=1e-6)
+    kept = (delta != 0).float().mean()
+    assert 0.25 < kept < 0.7, "trimmed to 30% per model, union of the two kept sets"

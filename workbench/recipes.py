@@ -214,30 +214,42 @@ class EvalRecipe(Strict):
 
 
 class MergeInput(Strict):
-    """One adapter to merge: `run:<id>` of a LoRA training run, or a PEFT LoRA folder."""
+    """One input to merge: `run:<id>` of a training run, a PEFT LoRA folder or a model folder."""
 
     path: str
     weight: float = 1.0
 
 
 class MergeRecipe(Strict):
-    """Exact task arithmetic over LoRA adapters: θ = θ_base + Σ w_i·s_i·B_i·A_i.
+    """Merge task vectors into a base: θ = θ_base + merge(τ_1..τ_n; w_1..w_n).
 
-    `output: model` streams the merged weights into a sharded Hugging Face folder; `output:
-    adapter` writes one PEFT adapter of rank Σ r_i with exactly the same update.
+    Inputs are LoRA adapters (τ = s·B·A) or full models (τ = θ_i − θ_base). `method` is one of
+    `merge.methods` with its `parameters` (e.g. density for TIES, p for DARE). Task arithmetic over
+    LoRA adapters alone stays factored and exact: Σ w_i·s_i·B_i·A_i. `output: model` streams the
+    result into a sharded Hugging Face folder; `output: adapter` (LoRA task arithmetic only) writes
+    one PEFT adapter of rank Σ r_i with exactly the same update.
     """
 
     kind: Literal["merge"] = "merge"
     name: str = "merge"
     seed: int = 0
     base: ModelSpec | None = Field(
-        None, description="Merge onto this model; by default the adapters' own (shared) base.")
-    adapters: list[MergeInput] = Field(min_length=1)
+        None, description="Merge onto this model; by default the inputs' own (shared) base.")
+    inputs: list[MergeInput] = Field(min_length=1)
+    method: Literal["task_arithmetic", "ties", "dare", "dare_ties"] = "task_arithmetic"
+    parameters: dict[str, float | str] = Field(default_factory=dict)
     output: Literal["model", "adapter"] = "model"
     max_shard_mb: int = Field(2048, ge=1)
     world: WorldSpec = Field(default_factory=WorldSpec)
     seq_len: int = Field(128, ge=8)
     eval: EvalSpec | None = None
+
+    @model_validator(mode="after")
+    def _known_parameters(self) -> "MergeRecipe":
+        from merge.methods import check_parameters
+
+        check_parameters(self.method, self.parameters)
+        return self
 
 
 StageRecipe = Annotated[Union[PretrainRecipe, TrainRecipe, EvalRecipe, MergeRecipe],

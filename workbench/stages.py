@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 
@@ -188,39 +189,26 @@ def run_eval(recipe: EvalRecipe, ws: Workspace, run: Run | None = None, resume: 
 
 
 def run_merge(recipe: MergeRecipe, ws: Workspace, run: Run | None = None, resume: bool = False) -> Run:
-    """Exact task arithmetic over LoRA adapters, streamed into a model folder or one adapter."""
-    from merge.streaming import lora_concat_adapter, merge_lora_into_base
-
+    """Merge adapters and models into a base, streamed into a model folder (or one adapter)."""
     from .models import resolve_source
 
-    sources = [resolve_source(item.path, ws) for item in recipe.adapters]
-    for i, (item, source) in enumerate(zip(recipe.adapters, sources)):
-        if source.adapter is None:
-            raise ModelLoadError(f"adapters.{i}.path '{item.path}' is a model, not a LoRA adapter")
-    if recipe.base is not None:
-        base = resolve_source(recipe.base.path, ws)
-    else:
-        folders = sorted({str(s.folder) for s in sources})
-        if len(folders) > 1:
-            raise ModelLoadError("the adapters were trained on different bases "
-                                 f"({', '.join(folders)}); set `base:` to merge onto one of them")
-        base = sources[0]
+    sources = [resolve_source(item.path, ws) for item in recipe.inputs]
+    base = _merge_base(recipe, sources, ws)
+    exact_lora = recipe.method == "task_arithmetic" and all(s.adapter for s in sources)
+    if recipe.output == "adapter" and not exact_lora:
+        raise ValueError("output: adapter needs method: task_arithmetic over LoRA adapters only")
     if run is None:
-        refs = [item.path for item in recipe.adapters] + [base.ref]
+        refs = [item.path for item in recipe.inputs] + [base.ref]
         run = ws.create_run("merge", recipe.name, recipe_to_yaml(recipe), recipe.seed,
                             parents=_parents(*refs))
     with ws.running(run):
-        pairs = [(source.adapter, item.weight) for item, source in zip(recipe.adapters, sources)]
         output = run.path(recipe.output)
         if not output.exists():  # a resumed merge keeps an output it already finished
-            if recipe.output == "model":
-                merge_lora_into_base(base.folder, pairs, output,
-                                     max_shard_bytes=recipe.max_shard_mb * 2**20)
-            else:
-                lora_concat_adapter(pairs, output, base_model=str(base.folder))
+            _write_merge(recipe, sources, base, output, exact_lora)
         outputs = {"model": "model"} if recipe.output == "model" else {"adapter": "adapter",
                                                                        "base": base.ref}
-        summary: dict = {"adapters": [[str(a), w] for a, w in pairs], "base": base.ref}
+        summary: dict = {"inputs": [[s.ref, i.weight] for i, s in zip(recipe.inputs, sources)],
+                         "base": base.ref, "method": recipe.method}
         if recipe.eval is not None:
             merged, tokenizer, _ = load_model(ModelSpec(path=str(output)), ws)
             args = (recipe.seq_len, recipe.world.seed, recipe.world.size)
@@ -239,15 +227,61 @@ def run_merge(recipe: MergeRecipe, ws: Workspace, run: Run | None = None, resume
     return run
 
 
+def _merge_base(recipe: MergeRecipe, sources, ws: Workspace):
+    """The model to merge onto: `base:` if given, else the base all inputs share."""
+    from .models import resolve_source
+
+    if recipe.base is not None:
+        return resolve_source(recipe.base.path, ws)
+    bases = []
+    for i, (item, source) in enumerate(zip(recipe.inputs, sources)):
+        if source.adapter is not None:
+            bases.append(resolve_source(str(source.folder), ws))
+        elif item.path.startswith("run:") and "base" in ws.get(item.path).info.get("outputs", {}):
+            bases.append(resolve_source(ws.get(item.path).info["outputs"]["base"], ws))
+        else:
+            raise ValueError(f"inputs.{i}.path '{item.path}' is a model whose base is unknown; "
+                             "set `base:` to the model it was fine-tuned from")
+    folders = sorted({str(b.folder) for b in bases})
+    if len(folders) > 1:
+        raise ModelLoadError(f"the inputs come from different bases ({', '.join(folders)}); "
+                             "set `base:` to merge onto one of them")
+    return bases[0]
+
+
+def _write_merge(recipe: MergeRecipe, sources, base, output: Path, exact_lora: bool) -> None:
+    from contextlib import ExitStack
+
+    from merge.dense import FullModelDelta, LoraDelta, merged_deltas
+    from merge.streaming import lora_concat_adapter, merge_lora_into_base, model_layout
+
+    weights = [item.weight for item in recipe.inputs]
+    shard = recipe.max_shard_mb * 2**20
+    if exact_lora:
+        scale = float(recipe.parameters.get("scale", 1.0))
+        pairs = [(s.adapter, w * scale) for s, w in zip(sources, weights)]
+        if recipe.output == "adapter":
+            lora_concat_adapter(pairs, output, base_model=str(base.folder))
+        else:
+            merge_lora_into_base(base.folder, pairs, output, max_shard_bytes=shard)
+        return
+    layout = model_layout(base.folder)
+    with ExitStack() as stack:
+        readers = [LoraDelta(s.adapter, layout) if s.adapter else FullModelDelta(s.folder, layout, stack)
+                   for s in sources]
+        deltas = merged_deltas(readers, weights, recipe.method, recipe.seed, recipe.parameters)
+        merge_lora_into_base(base.folder, [], output, max_shard_bytes=shard, extra_deltas=deltas)
+
+
 # ----------------------------------------------------------------------------------------------
 # pipeline and dispatch
 
 
 def _bind_stage_refs(stage, done: dict[str, str]):
-    """Replace `stage:<name>` references (model, base, adapters) with `run:<id>` of that stage."""
+    """Replace `stage:<name>` references (model, base, inputs) with `run:<id>` of that stage."""
     data = stage.model_dump()
     specs = [(key, data.get(key)) for key in ("model", "base")]
-    specs += [(f"adapters.{i}", spec) for i, spec in enumerate(data.get("adapters") or [])]
+    specs += [(f"inputs.{i}", spec) for i, spec in enumerate(data.get("inputs") or [])]
     for key, spec in specs:
         if isinstance(spec, dict) and str(spec.get("path", "")).startswith("stage:"):
             name = spec["path"].split(":", 1)[1]
