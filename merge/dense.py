@@ -82,3 +82,24 @@ def merged_deltas(readers: list[DeltaReader], weights: list[float], method: str,
         return merge_tensors(method, parts, weights, name, seed, **params)
 
     return delta
+
+
+def pairwise_cosines(readers: list[DeltaReader], names: list[str]) -> list[list[float]]:
+    """cos(τ_i, τ_j) over whole task vectors, accumulated tensor by tensor in float64.
+
+    An input that does not touch a tensor counts as zeros there; a zero vector has cosine 0.
+    """
+    n = len(readers)
+    dots = torch.zeros(n, n, dtype=torch.float64)
+    for name in names:
+        parts = [read(name) for read in readers]
+        present = [p for p in parts if p is not None]
+        if not present:
+            continue
+        flat = torch.stack([(p if p is not None else torch.zeros_like(present[0])).flatten()
+                            for p in parts]).double()
+        dots += flat @ flat.T
+    norms = dots.diagonal().sqrt()
+    denominator = torch.outer(norms, norms)
+    cosines = torch.where(denominator > 0, dots / denominator.clamp_min(1e-300), torch.zeros_like(dots))
+    return cosines.tolist()

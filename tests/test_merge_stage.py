@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from adapters import get_method
 from conftest import tiny_train_recipe
-from workbench.models import ModelLoadError, load_model
+from workbench.models import load_model
 from workbench.recipes import MergeInput, MergeRecipe, ModelSpec
 from workbench.stages import run_merge, run_train
 
@@ -101,3 +101,19 @@ def test_full_models_ties_equals_the_method_on_each_tensor(workspace, two_full_m
     assert torch.allclose(merged[name], base[name] + delta, atol=1e-6)
     kept = (delta != 0).float().mean()
     assert 0.25 < kept < 0.7, "trimmed to 30% per model, union of the two kept sets"
+
+
+def test_merge_reports_the_cosine_between_task_vectors(workspace, two_adapters):
+    domain, general = two_adapters
+    run = run_merge(MergeRecipe(inputs=[MergeInput(path=f"run:{domain.id}"),
+                                        MergeInput(path=f"run:{general.id}")]), workspace)
+    lora = get_method("lora")
+    d = lora.task_vector(domain.path("adapter")).dense()
+    g = lora.task_vector(general.path("adapter")).dense()
+    names = sorted(d)
+    flat_d = torch.cat([d[n].flatten() for n in names]).double()
+    flat_g = torch.cat([g[n].flatten() for n in names]).double()
+    by_hand = float(flat_d @ flat_g / (flat_d.norm() * flat_g.norm()))
+    cosines = run.info["summary"]["task_vector_cosine"]
+    assert cosines[0][1] == pytest.approx(by_hand, abs=1e-9)
+    assert cosines[0][0] == pytest.approx(1.0) and cosines[1][0] == pytest.approx(by_hand, abs=1e-9)

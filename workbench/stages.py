@@ -19,7 +19,7 @@ from .data import BatchPlan, DataError, pack_source
 from .engine import make_accelerator, process_state, seed_everything, train_loop
 from .evaluate import evaluate_model, format_report, gain_forgetting
 from .models import ModelLoadError, load_model, max_sequence_length
-from .recipes import (EvalRecipe, MergeRecipe, ModelSpec, PipelineRecipe, PretrainRecipe,
+from .recipes import (EvalRecipe, MergeRecipe, ModelSpec, PipelineRecipe,
                       TrainRecipe, TrainSpec, load_recipe, recipe_to_yaml)
 from .workspace import Run, Workspace, write_json
 
@@ -209,6 +209,11 @@ def run_merge(recipe: MergeRecipe, ws: Workspace, run: Run | None = None, resume
                                                                        "base": base.ref}
         summary: dict = {"inputs": [[s.ref, i.weight] for i, s in zip(recipe.inputs, sources)],
                          "base": base.ref, "method": recipe.method}
+        if len(sources) > 1:
+            summary["task_vector_cosine"] = _task_vector_cosines(sources, base)
+            say("Cosine between the inputs' task vectors: " + "; ".join(
+                f"{i}·{j} = {row[j]:+.4f}" for i, row in enumerate(summary["task_vector_cosine"])
+                for j in range(i + 1, len(row))))
         if recipe.eval is not None:
             merged, tokenizer, _ = load_model(ModelSpec(path=str(output)), ws)
             args = (recipe.seq_len, recipe.world.seed, recipe.world.size)
@@ -249,10 +254,31 @@ def _merge_base(recipe: MergeRecipe, sources, ws: Workspace):
     return bases[0]
 
 
+def _task_vector_cosines(sources, base) -> list[list[float]]:
+    """Pairwise cosine similarity of the inputs' task vectors (Hirano & Imajo's premise check:
+    a domain vector and an instruction vector should be nearly orthogonal)."""
+    from contextlib import ExitStack
+
+    from merge.dense import pairwise_cosines
+    from merge.streaming import model_layout
+
+    layout = model_layout(base.folder)
+    with ExitStack() as stack:
+        return pairwise_cosines(_delta_readers(sources, layout, stack), list(layout))
+
+
+def _delta_readers(sources, layout: dict, stack) -> list:
+    """One dense task-vector reader per input: s·B·A for adapters, θ − θ_base for models."""
+    from merge.dense import FullModelDelta, LoraDelta
+
+    return [LoraDelta(s.adapter, layout) if s.adapter else FullModelDelta(s.folder, layout, stack)
+            for s in sources]
+
+
 def _write_merge(recipe: MergeRecipe, sources, base, output: Path, exact_lora: bool) -> None:
     from contextlib import ExitStack
 
-    from merge.dense import FullModelDelta, LoraDelta, merged_deltas
+    from merge.dense import merged_deltas
     from merge.streaming import lora_concat_adapter, merge_lora_into_base, model_layout
 
     weights = [item.weight for item in recipe.inputs]
@@ -267,8 +293,7 @@ def _write_merge(recipe: MergeRecipe, sources, base, output: Path, exact_lora: b
         return
     layout = model_layout(base.folder)
     with ExitStack() as stack:
-        readers = [LoraDelta(s.adapter, layout) if s.adapter else FullModelDelta(s.folder, layout, stack)
-                   for s in sources]
+        readers = _delta_readers(sources, layout, stack)
         deltas = merged_deltas(readers, weights, recipe.method, recipe.seed, recipe.parameters)
         merge_lora_into_base(base.folder, [], output, max_shard_bytes=shard, extra_deltas=deltas)
 
