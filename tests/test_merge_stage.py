@@ -117,3 +117,26 @@ def test_merge_reports_the_cosine_between_task_vectors(workspace, two_adapters):
     cosines = run.info["summary"]["task_vector_cosine"]
     assert cosines[0][1] == pytest.approx(by_hand, abs=1e-9)
     assert cosines[0][0] == pytest.approx(1.0) and cosines[1][0] == pytest.approx(by_hand, abs=1e-9)
+
+
+def test_inputs_with_another_tokenizer_or_vocab_are_refused(workspace, tmp_path):
+    import shutil
+
+    base_folder = load_model(ModelSpec(path="default"), workspace)[2].folder
+    other = tmp_path / "other"
+    shutil.copytree(base_folder, other)
+    tokenizer = json.loads((other / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    first, second = list(vocab)[10:12]
+    vocab[first], vocab[second] = vocab[second], vocab[first]  # same size, two ids swapped
+    (other / "tokenizer.json").write_text(json.dumps(tokenizer))
+    recipe = MergeRecipe(base=ModelSpec(path=str(base_folder)),
+                         inputs=[MergeInput(path=str(other))])
+    with pytest.raises(ValueError, match=r"other/tokenizer.json: a different tokenizer"):
+        run_merge(recipe, workspace)
+    config = json.loads((other / "config.json").read_text())
+    config["vocab_size"] += 1
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"other/config.json: vocab_size \d+, but the base"):
+        run_merge(recipe, workspace)
+    assert not [r for r in workspace.runs() if r.info["kind"] == "merge"], "nothing was started"

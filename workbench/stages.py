@@ -192,8 +192,11 @@ def run_merge(recipe: MergeRecipe, ws: Workspace, run: Run | None = None, resume
     """Merge adapters and models into a base, streamed into a model folder (or one adapter)."""
     from .models import resolve_source
 
+    from merge.preflight import check_same_tokenizer
+
     sources = [resolve_source(item.path, ws) for item in recipe.inputs]
     base = _merge_base(recipe, sources, ws)
+    check_same_tokenizer(base.folder, [s.adapter or s.folder for s in sources])
     exact_lora = recipe.method == "task_arithmetic" and all(s.adapter for s in sources)
     if recipe.output == "adapter" and not exact_lora:
         raise ValueError("output: adapter needs method: task_arithmetic over LoRA adapters only")
