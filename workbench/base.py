@@ -14,7 +14,7 @@ from .data import BatchPlan, encode_documents, get_world, pack_source
 from .engine import make_accelerator, seed_everything, train_loop
 from .evaluate import evaluate_model
 from .export import save_model_folder
-from .models import BUILTIN_CONFIGS, build_model_from_config
+from .models import build_model_from_config, builtin_config
 from .recipes import PretrainRecipe, recipe_to_yaml
 from .stages import check_seq_len, say, total_steps
 from .workspace import Run, Workspace, write_json
@@ -27,15 +27,13 @@ def run_pretrain(recipe: PretrainRecipe, ws: Workspace, run: Run | None = None,
     """Train the tokenizer, pretrain the model with full fine-tuning, save and evaluate it."""
     from .tokenizer import train_tokenizer, unigram_perplexity
 
-    if recipe.architecture not in BUILTIN_CONFIGS:
-        raise ValueError(f"architecture: unknown '{recipe.architecture}' (known: {', '.join(BUILTIN_CONFIGS)})")
+    limit = builtin_config(recipe.architecture)["max_position_embeddings"]
     run = run or ws.create_run("pretrain", recipe.name, recipe_to_yaml(recipe), recipe.seed)
     with ws.running(run):
         seed_everything(recipe.seed)
         world = get_world(recipe.world.seed, recipe.world.size)
         say(f"Training a {recipe.vocab_size}-token tokenizer on the embedded world ...")
         tokenizer = train_tokenizer(world.general_train + world.domain_train, recipe.vocab_size)
-        limit = BUILTIN_CONFIGS[recipe.architecture]["max_position_embeddings"]
         tokenizer.model_max_length = limit
         eos = tokenizer.eos_token_id
         model = build_model_from_config(recipe.architecture, vocab_size=len(tokenizer), seed=recipe.seed,

@@ -163,8 +163,7 @@ def resolve_source(ref: str, workspace: "Workspace | None" = None) -> ModelSourc
         return resolve_source(f"run:{ensure_default_base(workspace).id}", workspace)
     if ref.startswith("config:"):
         name = ref.split(":", 1)[1]
-        if name not in BUILTIN_CONFIGS:
-            raise ModelLoadError(f"unknown built-in config '{name}' (known: {', '.join(BUILTIN_CONFIGS)})")
+        builtin_config(name)
         return ModelSource(ref=ref, folder=None, config_name=name)
     if ref.startswith("run:"):
         if workspace is None:
@@ -233,13 +232,18 @@ def _download_from_hub(repo_id: str) -> Path:
 # Loading
 
 
+def builtin_config(name: str) -> dict:
+    """The parameters of a built-in Llama config; a clear error for an unknown name."""
+    if name not in BUILTIN_CONFIGS:
+        raise ModelLoadError(f"unknown built-in config '{name}' (known: {', '.join(BUILTIN_CONFIGS)})")
+    return BUILTIN_CONFIGS[name]
+
+
 def build_model_from_config(name: str, vocab_size: int, seed: int = 0, **overrides):
     """A randomly initialised Llama from a built-in config (seeded)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    if name not in BUILTIN_CONFIGS:
-        raise ModelLoadError(f"unknown built-in config '{name}' (known: {', '.join(BUILTIN_CONFIGS)})")
-    params = {**BUILTIN_CONFIGS[name], **overrides}
+    params = {**builtin_config(name), **overrides}
     params.setdefault("vocab_size", vocab_size)
     config = LlamaConfig(tie_word_embeddings=False, **params)
     with torch.random.fork_rng(devices=[]):

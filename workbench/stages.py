@@ -18,7 +18,7 @@ from adapters import get_method
 from .data import BatchPlan, DataError, pack_source
 from .engine import make_accelerator, process_state, seed_everything, train_loop
 from .evaluate import evaluate_model, format_report, gain_forgetting
-from .models import ModelLoadError, load_model, max_sequence_length
+from .models import ModelLoadError, load_model, max_sequence_length, resolve_source
 from .recipes import (EvalRecipe, MergeRecipe, ModelSpec, PipelineRecipe,
                       TrainRecipe, TrainSpec, load_recipe, recipe_to_yaml)
 from .workspace import Run, Workspace, write_json
@@ -62,8 +62,6 @@ def _parents(*refs: str) -> list[str]:
 def run_train(recipe: TrainRecipe, ws: Workspace, run: Run | None = None, resume: bool = False) -> Run:
     """Train an adapter on the model, evaluate base vs adapted, save the adapter in the run."""
     if run is None:
-        from .models import resolve_source
-
         state = process_state()  # under torchrun / accelerate launch: one run folder for all ranks
         run_id = None
         if state.is_main_process:
@@ -190,8 +188,6 @@ def run_eval(recipe: EvalRecipe, ws: Workspace, run: Run | None = None, resume: 
 
 def run_merge(recipe: MergeRecipe, ws: Workspace, run: Run | None = None, resume: bool = False) -> Run:
     """Merge adapters and models into a base, streamed into a model folder (or one adapter)."""
-    from .models import resolve_source
-
     from merge.preflight import check_same_tokenizer
 
     sources = [resolve_source(item.path, ws) for item in recipe.inputs]
@@ -237,16 +233,15 @@ def run_merge(recipe: MergeRecipe, ws: Workspace, run: Run | None = None, resume
 
 def _merge_base(recipe: MergeRecipe, sources, ws: Workspace):
     """The model to merge onto: `base:` if given, else the base all inputs share."""
-    from .models import resolve_source
-
     if recipe.base is not None:
         return resolve_source(recipe.base.path, ws)
     bases = []
     for i, (item, source) in enumerate(zip(recipe.inputs, sources)):
+        outputs = ws.get(item.path).info.get("outputs", {}) if item.path.startswith("run:") else {}
         if source.adapter is not None:
             bases.append(resolve_source(str(source.folder), ws))
-        elif item.path.startswith("run:") and "base" in ws.get(item.path).info.get("outputs", {}):
-            bases.append(resolve_source(ws.get(item.path).info["outputs"]["base"], ws))
+        elif "base" in outputs:
+            bases.append(resolve_source(outputs["base"], ws))
         else:
             raise ValueError(f"inputs.{i}.path '{item.path}' is a model whose base is unknown; "
                              "set `base:` to the model it was fine-tuned from")
