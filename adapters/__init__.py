@@ -9,8 +9,9 @@ import torch
 
 from .full import FullMethod
 from .lora import LoraMethod
+from .road import RoadMethod
 
-METHODS = {"lora": LoraMethod(), "full": FullMethod()}
+METHODS = {"lora": LoraMethod(), "full": FullMethod(), "road": RoadMethod()}
 
 
 def get_method(name: str):
@@ -29,6 +30,10 @@ def load_adapter(model: torch.nn.Module, folder: Path, trainable: bool = False) 
     peft_type = json.loads(config_path.read_text()).get("peft_type")
     if peft_type == "LORA":
         from .lora import load
+
+        return load(model, folder, trainable=trainable)
+    if peft_type == "ROAD":
+        from .road import load
 
         return load(model, folder, trainable=trainable)
     raise ValueError(f"{config_path}: unsupported adapter type {peft_type!r}")

@@ -16,7 +16,7 @@ class FullMethod:
     name = "full"
 
     def attach(self, model: torch.nn.Module, spec=None, task: str = "causal-lm",
-               gradient_checkpointing: bool = False) -> torch.nn.Module:
+               gradient_checkpointing: bool = False, locate=None) -> torch.nn.Module:
         for p in model.parameters():
             p.requires_grad_(True)
         return model

@@ -21,7 +21,7 @@ class LoraMethod:
     name = "lora"
 
     def attach(self, model: torch.nn.Module, spec: LoraSpec, task: str = "causal-lm",
-               gradient_checkpointing: bool = False) -> torch.nn.Module:
+               gradient_checkpointing: bool = False, locate=None) -> torch.nn.Module:
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
         if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
@@ -37,11 +37,7 @@ class LoraMethod:
         return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
     def save(self, model, tokenizer, folder: Path, base_ref: str) -> None:
-        """PEFT folder: adapter_config.json + adapter_model.safetensors (+ the tokenizer)."""
-        model.peft_config["default"].base_model_name_or_path = base_ref
-        model.save_pretrained(folder, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(folder)
+        save_peft_folder(model, tokenizer, folder, base_ref)
 
     def task_vector(self, folder: Path, base_folder: Path | None = None):
         from merge.task_vectors import LoraTaskVector
@@ -54,3 +50,11 @@ def load(model: torch.nn.Module, folder: Path, trainable: bool = False) -> torch
     from peft import PeftModel
 
     return PeftModel.from_pretrained(model, folder, is_trainable=trainable)
+
+
+def save_peft_folder(model, tokenizer, folder: Path, base_ref: str) -> None:
+    """PEFT folder: adapter_config.json + adapter_model.safetensors (+ the tokenizer)."""
+    model.peft_config["default"].base_model_name_or_path = base_ref
+    model.save_pretrained(folder, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)

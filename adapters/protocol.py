@@ -17,8 +17,12 @@ class AdapterMethod(Protocol):
     name: str
 
     def attach(self, model: torch.nn.Module, spec, task: str = "causal-lm",
-               gradient_checkpointing: bool = False) -> torch.nn.Module:
-        """Return the model with the adapter attached and only the adapter trainable."""
+               gradient_checkpointing: bool = False, locate=None) -> torch.nn.Module:
+        """Return the model with the adapter attached and only the adapter trainable.
+
+        `locate(ref)` turns a reference to an earlier run (`run:<id>`, a folder) into the folder of
+        the adapter it produced, for methods that build on earlier adapters.
+        """
 
     def trainable_parameters(self, model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
         """The parameters the optimizer updates, by name."""
@@ -28,3 +32,6 @@ class AdapterMethod(Protocol):
 
     def task_vector(self, folder: Path, base_folder: Path | None = None):
         """The saved adapter as a task vector (see `merge.task_vectors`)."""
+
+    # Optional: `objective(spec)` returns the training signal (default: next-token loss, see
+    # `workbench.engine.LanguageModelObjective`).

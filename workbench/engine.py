@@ -203,8 +203,11 @@ def next_token_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     """Σ −log p(labels[t+1] | ≤ t) over target positions (-100 ignored), in float32.
 
     The labels are shifted left (the last position gets -100) instead of slicing the logits, so
-    no logits-sized copy is made in the forward or the backward pass.
+    no logits-sized copy is made in the forward or the backward pass. Logits longer than the
+    labels (soft prompt tuning prepends virtual tokens) are aligned on their last positions.
     """
+    if logits.shape[1] > labels.shape[1]:
+        logits = logits[:, -labels.shape[1]:]
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
                            ignore_index=IGNORE, reduction="sum")
@@ -215,15 +218,46 @@ def token_loss_sum(model, inputs: torch.Tensor, labels: torch.Tensor) -> torch.T
     return next_token_nll_sum(model(input_ids=inputs, use_cache=False).logits, labels)
 
 
+class LanguageModelObjective:
+    """Next-token loss: Σ token NLL / target tokens of the whole global batch.
+
+    An objective has two parts: `totals` counts what the step normalises by over the whole global
+    batch (before it is split into micro-batches and processes), and `__call__` returns one
+    micro-batch's share, so that the shares of all micro-batches and processes sum to the step's
+    loss. Methods with their own training signal (MixDA, classification) provide their own.
+    """
+
+    def totals(self, inputs: torch.Tensor, labels: torch.Tensor, replay: torch.Tensor) -> dict:
+        return {"tokens": int((labels[:, 1:] != IGNORE).sum())}
+
+    def __call__(self, model, inputs, labels, replay, totals: dict) -> torch.Tensor:
+        return token_loss_sum(model, inputs, labels) / max(1, totals["tokens"])
+
+
+class StepObserver:
+    """Called around each optimizer update (e.g. to record a path-integral importance)."""
+
+    def before_update(self) -> None:
+        """Gradients are final (clipped); parameters are still the old ones."""
+
+    def after_update(self) -> None:
+        """Parameters hold the new values."""
+
+
 def train_loop(model, plan: BatchPlan, spec: TrainSpec, total_steps: int, run: Run, accelerator,
                trainable: dict[str, torch.nn.Parameter], resume: bool = False,
                evaluate: Callable[[int], dict] | None = None,
-               on_step: Callable[[int, float], None] | None = None) -> Progress:
+               on_step: Callable[[int, float], None] | None = None,
+               objective=None, penalty: Callable[[], torch.Tensor] | None = None,
+               observer: StepObserver | None = None) -> Progress:
     """Train for `total_steps` optimizer steps; checkpoint, log and evaluate along the way.
 
     `evaluate(step)` returns metrics to log (called at the steps in spec.eval_at); `on_step(step,
-    loss)` is called after each step (progress reporting, tests).
+    loss)` is called after each step (progress reporting, tests). `objective` is the training
+    signal (`LanguageModelObjective` by default); `penalty()` is a term on the parameters added
+    once per step (a regularizer); `observer` sees each update.
     """
+    objective = objective or LanguageModelObjective()
     world, rank = accelerator.num_processes, accelerator.process_index
     rows_per_micro = spec.batch_size // spec.grad_accum
     if rows_per_micro % world:
@@ -252,15 +286,19 @@ def train_loop(model, plan: BatchPlan, spec: TrainSpec, total_steps: int, run: R
         for group in optimizer.param_groups:
             group["lr"] = lr
         inputs, labels = plan.batch(step)
-        target_tokens = int((labels[:, 1:] != IGNORE).sum())
+        replay = torch.arange(len(inputs)) >= plan.n_train
+        totals = objective.totals(inputs, labels, replay)
         step_loss = torch.zeros((), device=device)
         for micro in range(spec.grad_accum):
             rows = slice(micro * rows_per_micro, (micro + 1) * rows_per_micro)
             x = inputs[rows][rank::world].to(device)
             y = labels[rows][rank::world].to(device)
+            r = replay[rows][rank::world].to(device)
             sync = micro == spec.grad_accum - 1
             with accelerator.autocast(), (accelerator.no_sync(model) if not sync else nullcontext()):
-                loss = token_loss_sum(model, x, y) / target_tokens
+                loss = objective(model, x, y, r, totals)
+                if penalty is not None:  # once per step in total, over micro-batches and processes
+                    loss = loss + penalty() / (spec.grad_accum * world)
                 accelerator.backward(loss * world)  # DDP averages gradients over processes
             step_loss += loss.detach()
         step_loss = accelerator.reduce(step_loss, reduction="sum") if world > 1 else step_loss
@@ -272,7 +310,11 @@ def train_loop(model, plan: BatchPlan, spec: TrainSpec, total_steps: int, run: R
                 f"Last good checkpoint: {last_good or 'none'} (in {ckpt_dir}). Lower train.lr or check the data.")
         if spec.max_grad_norm > 0:
             accelerator.clip_grad_norm_(list(trainable.values()), spec.max_grad_norm)
+        if observer is not None:
+            observer.before_update()
         optimizer.step()
+        if observer is not None:
+            observer.after_update()
         optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - started
         progress.step, progress.tokens = step + 1, progress.tokens + inputs.numel()

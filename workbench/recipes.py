@@ -85,6 +85,75 @@ class FullSpec(Strict):
     method: Literal["full"] = "full"
 
 
+class RoadSpec(Strict):
+    """RoAd through PEFT (Liao & Monz 2024): each adapted layer's output is rotated in 2-D pairs.
+
+    z = R·(W x + b), R block-diagonal with blocks α·[[cos θ, −sin θ], [sin θ, cos θ]] (road_1; road_2
+    and road_4 untie the entries). `group_size` must divide every adapted layer's output width;
+    `auto` takes the largest of 64, 32, ..., 2 that does.
+    """
+
+    method: Literal["road"] = "road"
+    variant: Literal["road_1", "road_2", "road_4"] = "road_1"
+    group_size: Union[Literal["auto"], Annotated[int, Field(ge=2, le=65536)]] = "auto"
+    target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
+
+    @model_validator(mode="after")
+    def _even_group(self) -> "RoadSpec":
+        if self.group_size != "auto" and self.group_size % 2:
+            raise ValueError(f"adapter.group_size must be even (got {self.group_size})")
+        return self
+
+
+class PromptInit(Strict):
+    """One earlier task prompt vector (`run:<id>` of a prompt-tuning run, or its folder) and its λ."""
+
+    path: str
+    weight: float = 1.0
+
+
+class PromptSpec(Strict):
+    """Soft prompt tuning through PEFT, kept as a task prompt vector τ = P_tuned − P_init.
+
+    The initial prompt P_init is drawn from `init_seed` (random rows of the embedding table's
+    scale) and stored beside the tuned one. With `init_from`, the run starts at
+    P_init + Σ λ_t τ_t of earlier runs that share this P_init (Belanec et al. 2024).
+    """
+
+    method: Literal["prompt"] = "prompt"
+    num_virtual_tokens: int = Field(16, ge=1, le=1024)
+    init_seed: int = 0
+    init_from: list[PromptInit] = Field(default_factory=list)
+
+
+class MixdaSpec(Strict):
+    """MixDA domain adapters (Diao et al. 2023) beside the FFN output projection, mixed by a gate.
+
+    Stage 1 (unlabelled domain text, backbone frozen): trains one bottleneck adapter K and the
+    gate with L = λ·L_K + L_S (L_S keeps the mixed FFN output close to the original on the replay
+    data, which must be general text). Stage 2: the `domain_adapters` (stage-1 runs) are frozen;
+    a new gate over [K_1..K_n, F] and a LoRA task adapter train on labelled or instruction data.
+    """
+
+    method: Literal["mixda"] = "mixda"
+    stage: Literal[1, 2] = 1
+    layers: list[int] | None = Field(None, description="Layer indices to adapt; all when unset.")
+    bottleneck: int = Field(64, ge=1, le=65536)
+    lambda_k: float = Field(0.5, ge=0.0, description="Weight λ of the domain LM loss in stage 1.")
+    domain_adapters: list[str] = Field(
+        default_factory=list, description="Stage 2: `run:<id>` or folders of stage-1 MixDA runs.")
+    task_lora: LoraSpec | None = Field(
+        default_factory=LoraSpec, description="Stage 2: the task adapter trained with the gate.")
+
+    @model_validator(mode="after")
+    def _stage_inputs(self) -> "MixdaSpec":
+        if self.stage == 2 and not self.domain_adapters:
+            raise ValueError("adapter.domain_adapters: stage 2 needs at least one stage-1 MixDA run")
+        if self.stage == 1 and self.domain_adapters:
+            raise ValueError("adapter.domain_adapters is for stage 2; stage 1 trains a new adapter")
+        return self
+
+
 def _adapter_method(value: Any) -> str | None:
     """The adapter section's method; LoRA when the section does not say."""
     if isinstance(value, dict):
@@ -93,7 +162,9 @@ def _adapter_method(value: Any) -> str | None:
 
 
 AdapterSpec = Annotated[
-    Union[Annotated[LoraSpec, Tag("lora")], Annotated[FullSpec, Tag("full")]],
+    Union[Annotated[LoraSpec, Tag("lora")], Annotated[FullSpec, Tag("full")],
+          Annotated[RoadSpec, Tag("road")], Annotated[PromptSpec, Tag("prompt")],
+          Annotated[MixdaSpec, Tag("mixda")]],
     Discriminator(_adapter_method),
 ]
 

@@ -100,8 +100,10 @@ def run_train(recipe: TrainRecipe, ws: Workspace, run: Run | None = None, resume
 
         method = get_method(recipe.adapter.method)
         torch.manual_seed(recipe.seed)
-        model = method.attach(model, recipe.adapter, gradient_checkpointing=recipe.train.gradient_checkpointing)
+        model = method.attach(model, recipe.adapter, gradient_checkpointing=recipe.train.gradient_checkpointing,
+                              locate=lambda ref: adapter_folder_of(ref, ws))
         trainable = method.trainable_parameters(model)
+        objective = method.objective(recipe.adapter) if hasattr(method, "objective") else None
 
         def evaluate_early(step: int) -> dict:
             return evaluate_model(accelerator.unwrap_model(model), tokenizer, recipe.eval,
@@ -109,7 +111,8 @@ def run_train(recipe: TrainRecipe, ws: Workspace, run: Run | None = None, resume
 
         started = time.time()
         progress = train_loop(model, plan, recipe.train, steps, run, accelerator, trainable,
-                              resume=resume, evaluate=evaluate_early if recipe.eval else None)
+                              resume=resume, evaluate=evaluate_early if recipe.eval else None,
+                              objective=objective)
         model = accelerator.unwrap_model(model)
         output = "adapter" if recipe.adapter.method != "full" else "model"
         losses = [m["loss"] for m in run.metrics() if "loss" in m]
@@ -133,6 +136,14 @@ def run_train(recipe: TrainRecipe, ws: Workspace, run: Run | None = None, resume
             run.finish(summary, outputs={output: output, "base": source.ref})
         accelerator.wait_for_everyone()
     return run
+
+
+def adapter_folder_of(ref: str, ws: Workspace) -> Path:
+    """The adapter folder behind `run:<id>` or a folder path (for methods that build on one)."""
+    source = resolve_source(ref, ws)
+    if source.adapter is None:
+        raise ModelLoadError(f"'{ref}' is a model, not an adapter")
+    return source.adapter
 
 
 def _recorded_base_metrics(run: Run) -> dict | None:

@@ -1,0 +1,174 @@
+"""RoAd through PEFT (Liao & Monz 2024, "3-in-1: 2D Rotary Adaptation for Efficient Finetuning,
+Efficient Batching and Composability").
+
+Each adapted linear layer's output is rotated in 2-D pairs: z = R·(W x + b). Within each group of
+`group_size` outputs, element i pairs with element i + group_size/2, and the pair is multiplied by
+α·[[cos θ, −sin θ], [sin θ, cos θ]] (road_1: one θ, α per pair; road_2 / road_4 untie the entries).
+At init θ = 0 and α = 1, so R = I and the model is unchanged.
+
+- Merging into weights: R·(W x + b) = (R W) x + R b, so W ← R W and b ← R b (PEFT's merge).
+- Composition (road_1 only): two rotations of the same pair by θ₁, α₁ then θ₂, α₂ are one rotation
+  by θ₁ + θ₂ with scale α₁·α₂; `compose` builds that adapter exactly.
+- Mixed batches: R acts element-wise on the output, so rows of one batch can use different
+  adapters at element-wise cost (PEFT's `adapter_names=` forward argument).
+
+PEFT has RoAd, so training, saving and loading go through PEFT; written here by hand are only the
+group-size check (PEFT's error does not name the layer), composition and the task vector.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from workbench.recipes import RoadSpec
+
+from .lora import PEFT_TASK_TYPES, save_peft_folder
+
+
+class RoadError(ValueError):
+    """A RoAd adapter that cannot be built, loaded or combined as asked."""
+
+
+HEAD_NAMES = ("lm_head", "score", "classifier")
+
+
+def target_linear_layers(model: torch.nn.Module, target_modules) -> dict[str, torch.nn.Linear]:
+    """The linear layers RoAd will adapt: all of them but the output head for 'all-linear', else
+    those whose name ends with one of `target_modules` (PEFT's matching rule for lists)."""
+    found = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or name.split(".")[-1] in HEAD_NAMES:
+            continue
+        if target_modules == "all-linear" or any(
+                name == t or name.endswith("." + t) for t in target_modules):
+            found[name] = module
+    return found
+
+
+def choose_group_size(model: torch.nn.Module, spec: RoadSpec) -> int:
+    """The group size to use: `auto` is the largest of 64, 32, ..., 2 dividing every adapted
+    layer's output width; an explicit size must divide all of them (the layer is named if not)."""
+    layers = target_linear_layers(model, spec.target_modules)
+    if not layers:
+        raise RoadError(f"adapter.target_modules={spec.target_modules!r} matches no linear layer")
+    widths = sorted({m.out_features for m in layers.values()})
+    if spec.group_size == "auto":
+        for size in (64, 32, 16, 8, 4, 2):
+            if all(w % size == 0 for w in widths):
+                return size
+        raise RoadError(f"no even group size divides the adapted output widths {widths}; "
+                        "RoAd needs even widths (set adapter.target_modules to skip odd layers)")
+    for name, layer in layers.items():
+        if layer.out_features % spec.group_size:
+            raise RoadError(
+                f"adapter.group_size={spec.group_size} does not divide the output width "
+                f"{layer.out_features} of layer '{name}' (adapted widths: {widths}); choose an even "
+                "group_size that divides all of them, or group_size: auto")
+    return spec.group_size
+
+
+class RoadMethod:
+    name = "road"
+
+    def attach(self, model: torch.nn.Module, spec: RoadSpec, task: str = "causal-lm",
+               gradient_checkpointing: bool = False, locate=None) -> torch.nn.Module:
+        from peft import RoadConfig, get_peft_model
+
+        group_size = choose_group_size(model, spec)
+        config = RoadConfig(variant=spec.variant, group_size=group_size,
+                            target_modules=spec.target_modules, task_type=PEFT_TASK_TYPES[task])
+        return get_peft_model(model, config)
+
+    def trainable_parameters(self, model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+        return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+    def save(self, model, tokenizer, folder: Path, base_ref: str) -> None:
+        save_peft_folder(model, tokenizer, folder, base_ref)
+
+    def task_vector(self, folder: Path, base_folder: Path | None = None) -> "RoadTaskVector":
+        return RoadTaskVector.from_peft_folder(folder)
+
+
+def load(model: torch.nn.Module, folder: Path, trainable: bool = False,
+         adapter_name: str = "default") -> torch.nn.Module:
+    """Attach a saved PEFT RoAd adapter to a loaded base model (or add it to a PeftModel)."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        model.load_adapter(str(folder), adapter_name=adapter_name, is_trainable=trainable)
+        return model
+    return PeftModel.from_pretrained(model, folder, adapter_name=adapter_name, is_trainable=trainable)
+
+
+def load_many(model: torch.nn.Module, folders: dict[str, Path]) -> torch.nn.Module:
+    """Several RoAd adapters side by side, by name, for mixed batches:
+    `model(input_ids=x, adapter_names=[name of row 0, name of row 1, ...])`."""
+    if not folders:
+        raise RoadError("load_many needs at least one adapter folder")
+    for name, folder in folders.items():
+        model = load(model, folder, adapter_name=name)
+    return model
+
+
+def merge_into_weights(model) -> torch.nn.Module:
+    """W ← R W, b ← R b in every adapted layer; returns the plain transformers model."""
+    return model.merge_and_unload()
+
+
+# ----------------------------------------------------------------------------------------------
+# Task vectors: the rotation parameters
+
+
+@dataclass
+class RoadTaskVector:
+    """A RoAd adapter as its parameters: per adapted layer, angles θ and scales α (float32)."""
+
+    variant: str
+    group_size: int
+    theta: dict[str, torch.Tensor]
+    alpha: dict[str, torch.Tensor]
+    config: dict
+
+    @classmethod
+    def from_peft_folder(cls, folder: Path) -> "RoadTaskVector":
+        folder = Path(folder)
+        config = json.loads((folder / "adapter_config.json").read_text())
+        if config.get("peft_type") != "ROAD":
+            raise RoadError(f"{folder}: not a RoAd adapter (peft_type {config.get('peft_type')!r})")
+        tensors = load_file(folder / "adapter_model.safetensors")
+        theta, alpha = {}, {}
+        for key, value in tensors.items():
+            layer, _, param = key.rpartition(".")
+            (theta if param == "road_theta" else alpha)[layer] = value.float()
+        return cls(config["variant"], config["group_size"], theta, alpha, config)
+
+    def compose(self, other: "RoadTaskVector") -> "RoadTaskVector":
+        """`other` applied after `self`: angles add and scales multiply (road_1, same layers)."""
+        if self.variant != "road_1" or other.variant != "road_1":
+            raise RoadError("exact composition needs two road_1 adapters "
+                            f"(got {self.variant} and {other.variant})")
+        if self.group_size != other.group_size or set(self.theta) != set(other.theta):
+            raise RoadError("composition needs the same layers and group_size in both adapters")
+        theta = {k: self.theta[k] + other.theta[k] for k in self.theta}
+        alpha = {k: self.alpha[k] * other.alpha[k] for k in self.alpha}
+        return RoadTaskVector(self.variant, self.group_size, theta, alpha, dict(self.config))
+
+    def save(self, folder: Path, base_ref: str | None = None) -> None:
+        """Write as a PEFT RoAd folder (loadable by `PeftModel.from_pretrained`)."""
+        from safetensors.torch import save_file
+
+        from workbench.export import atomic_folder
+
+        config = dict(self.config)
+        if base_ref is not None:
+            config["base_model_name_or_path"] = base_ref
+        tensors = {f"{k}.road_theta": v.contiguous() for k, v in self.theta.items()}
+        tensors.update({f"{k}.road_alpha": v.contiguous() for k, v in self.alpha.items()})
+        with atomic_folder(Path(folder)) as tmp:
+            (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
+            save_file(tensors, tmp / "adapter_model.safetensors")
