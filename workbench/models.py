@@ -39,6 +39,8 @@ BUILTIN_CONFIGS: dict[str, dict] = {
                        vocab_size=32000),
 }
 
+# PEFT adapters (LoRA, RoAd, prompt tuning) and MixDA folders, which PEFT does not know
+ADAPTER_CONFIG_FILES = ("adapter_config.json", "mixda_config.json")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -175,11 +177,13 @@ def resolve_source(ref: str, workspace: "Workspace | None" = None) -> ModelSourc
     if path.exists():
         if not path.is_dir():
             raise ModelLoadError(f"{path}: a model is a folder (config.json + weights), not a file")
-        if (path / "adapter_config.json").is_file():
-            config = json.loads((path / "adapter_config.json").read_text())
+        config_file = next((path / name for name in ADAPTER_CONFIG_FILES
+                            if (path / name).is_file()), None)
+        if config_file is not None:
+            config = json.loads(config_file.read_text())
             base = config.get("base_model_name_or_path")
             if not base:
-                raise ModelLoadError(f"{path}: adapter_config.json names no base model")
+                raise ModelLoadError(f"{config_file}: names no base model (base_model_name_or_path)")
             base_source = resolve_source(base, workspace)
             return ModelSource(ref=str(path.resolve()), folder=base_source.folder, adapter=path.resolve(),
                                config_name=base_source.config_name)
@@ -302,6 +306,14 @@ def load_model(spec: ModelSpec, workspace: "Workspace | None" = None, task: Task
         model = load_adapter(model, source.adapter)
     model.eval()
     return model, tokenizer, source
+
+
+def embedding_fingerprint(model) -> str:
+    """SHA-256 (first 16 hex digits) of the input embedding table: identifies a base model."""
+    import hashlib
+
+    weight = model.get_input_embeddings().weight.detach().float().cpu().contiguous()
+    return hashlib.sha256(weight.numpy().tobytes()).hexdigest()[:16]
 
 
 def max_sequence_length(model) -> int | None:

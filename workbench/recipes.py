@@ -124,6 +124,12 @@ class PromptSpec(Strict):
     num_virtual_tokens: int = Field(16, ge=1, le=1024)
     init_seed: int = 0
     init_from: list[PromptInit] = Field(default_factory=list)
+    lambda_grid: list[float] = Field(
+        default_factory=list,
+        description="Search each init_from weight over these values (replaces the given weights).")
+    lambda_validation: str | None = Field(
+        None, description="Text source scored by the λ search; the training data when unset.")
+    lambda_rows: int = Field(16, ge=1, description="Validation rows scored per λ combination.")
 
 
 class MixdaSpec(Strict):
@@ -169,6 +175,21 @@ AdapterSpec = Annotated[
 ]
 
 
+class RegularizerSpec(Strict):
+    """Hierarchical layer-wise and element-wise regularization (Song et al. 2025).
+
+    Phase 1 records the path-integral importance Ω on `data` (general text) for `steps` steps, or
+    reuses `importance` (an importance.safetensors file or the `run:<id>` that recorded it);
+    phase 2 adds φ·Σ_l c_l Σ_i Ω_i (θ_i − θ*_i)² to the training loss.
+    """
+
+    phi: float = Field(1.0, ge=0.0, description="Weight φ of the penalty (0 turns it off).")
+    importance: str | None = None
+    data: str = "world:general_train"
+    steps: int = Field(50, ge=1)
+    xi: float = Field(1e-3, gt=0.0, description="Damping ξ in Ω = ω / (Δ² + ξ).")
+
+
 class TrainSpec(Strict):
     """Optimisation knobs of the training loop (continued-pretraining defaults)."""
 
@@ -197,6 +218,8 @@ class TrainSpec(Strict):
         "auto", description="auto: bf16 autocast on a GPU that supports it, fp32 otherwise."
     )
     gradient_checkpointing: bool = False
+    regularizer: RegularizerSpec | None = Field(
+        None, description="Penalise drift of parameters important to general data.")
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> "TrainSpec":

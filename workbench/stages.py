@@ -6,6 +6,7 @@ last checkpoint with the recipe stored in its folder.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from contextlib import nullcontext
@@ -104,6 +105,22 @@ def run_train(recipe: TrainRecipe, ws: Workspace, run: Run | None = None, resume
                               locate=lambda ref: adapter_folder_of(ref, ws))
         trainable = method.trainable_parameters(model)
         objective = method.objective(recipe.adapter) if hasattr(method, "objective") else None
+        prepared = {}
+        if hasattr(method, "prepare") and not resume:  # e.g. the λ search of task prompt vectors
+            prepared = method.prepare(model, recipe.adapter, _validation_set(recipe, tokenizer, train_set))
+            if prepared:
+                write_json(run.path("prepare.json"), prepared)
+        elif run.path("prepare.json").is_file():
+            prepared = json.loads(run.path("prepare.json").read_text())
+
+        penalty = None
+        if recipe.train.regularizer is not None and recipe.train.regularizer.phi > 0:
+            from adapters.regularizer import prepare_regularizer
+
+            penalty = prepare_regularizer(
+                recipe.train.regularizer, recipe.train, model, trainable, tokenizer, data, run.folder,
+                lambda ref: importance_file_of(ref, ws), accelerator.device,
+                say=lambda message: (run.log(message), say(message)))
 
         def evaluate_early(step: int) -> dict:
             return evaluate_model(accelerator.unwrap_model(model), tokenizer, recipe.eval,
@@ -112,11 +129,11 @@ def run_train(recipe: TrainRecipe, ws: Workspace, run: Run | None = None, resume
         started = time.time()
         progress = train_loop(model, plan, recipe.train, steps, run, accelerator, trainable,
                               resume=resume, evaluate=evaluate_early if recipe.eval else None,
-                              objective=objective)
+                              objective=objective, penalty=penalty)
         model = accelerator.unwrap_model(model)
         output = "adapter" if recipe.adapter.method != "full" else "model"
         losses = [m["loss"] for m in run.metrics() if "loss" in m]
-        summary: dict = {"steps": progress.step, "tokens": progress.tokens,
+        summary: dict = {**prepared, "steps": progress.step, "tokens": progress.tokens,
                          "train_seconds": round(progress.elapsed, 2),
                          "final_loss": losses[-1] if losses else None}
         if accelerator.is_main_process:
@@ -136,6 +153,24 @@ def run_train(recipe: TrainRecipe, ws: Workspace, run: Run | None = None, resume
             run.finish(summary, outputs={output: output, "base": source.ref})
         accelerator.wait_for_everyone()
     return run
+
+
+def _validation_set(recipe: TrainRecipe, tokenizer, train_set):
+    """Rows a method scores before training: the adapter's `lambda_validation` or the train set."""
+    source = getattr(recipe.adapter, "lambda_validation", None)
+    if source is None:
+        return train_set
+    data = recipe.data
+    return pack_source(source, tokenizer, data.seq_len, data.format, data.world_seed, data.world_size)
+
+
+def importance_file_of(ref: str, ws: Workspace) -> Path:
+    """`run:<id>` → the importance.safetensors that run recorded; anything else is a file path."""
+    from adapters.regularizer import IMPORTANCE_FILE
+
+    if ref.startswith("run:"):
+        return ws.get(ref.removeprefix("run:")).path(IMPORTANCE_FILE)
+    return Path(ref)
 
 
 def adapter_folder_of(ref: str, ws: Workspace) -> Path:

@@ -1,0 +1,219 @@
+"""Task prompt vectors (Belanec et al. 2024, "Task Prompt Vectors: Effective Initialization through
+Multi-Task Soft-Prompt Transfer") on PEFT's soft prompt tuning (Lester et al. 2021).
+
+A soft prompt P (num_virtual_tokens × hidden) is prepended to every input's embeddings; only P
+trains. The task prompt vector is τ = P_tuned − P_init. Vectors are added only when they share one
+P_init:   P = P_init + Σ_t λ_t τ_t.
+
+P_init is drawn from `init_seed`: rows of the model's own embedding table at token ids drawn from a
+seeded generator (the "sampled vocabulary" init of Lester et al.), so it has the embeddings' scale
+and two runs with the same seed on the same model share it exactly. PEFT does not keep the initial
+prompt, so it is saved beside PEFT's folder in `prompt_init.safetensors`, with the seed and a
+fingerprint of the model's embedding table; arithmetic between vectors whose P_init differ (other
+seed, other model, other length) is refused.
+
+A new run can start from P_init + Σ λ_t τ_t of earlier runs (`init_from`), with each λ_t searched
+over `lambda_grid` on a validation set (the combination with the lowest next-token loss wins).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from workbench.models import embedding_fingerprint
+from workbench.recipes import PromptSpec
+
+from .lora import PEFT_TASK_TYPES, save_peft_folder
+
+INIT_FILE = "prompt_init.safetensors"
+MAX_SEARCH = 64  # combinations tried by the λ search at most
+
+
+class PromptVectorError(ValueError):
+    """Prompt vectors that cannot be combined or loaded; the message says why."""
+
+
+def initial_prompt(model, num_virtual_tokens: int, seed: int) -> torch.Tensor:
+    """P_init: embedding rows at `num_virtual_tokens` token ids drawn from `seed` (float32)."""
+    table = model.get_input_embeddings().weight.detach()
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, table.shape[0], (num_virtual_tokens,), generator=generator)
+    return table[ids.to(table.device)].float().cpu().clone()
+
+
+@dataclass
+class TaskPromptVector:
+    """τ = P_tuned − P_init with the P_init it belongs to (and where it came from)."""
+
+    tau: torch.Tensor
+    init: torch.Tensor
+    meta: dict
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> "TaskPromptVector":
+        folder = Path(folder)
+        if not (folder / INIT_FILE).is_file():
+            raise PromptVectorError(f"{folder}: no {INIT_FILE}; not a task prompt vector run "
+                                    "(a PEFT prompt-tuning folder alone does not keep its initial prompt)")
+        tuned = load_file(folder / "adapter_model.safetensors")["prompt_embeddings"].float()
+        with safe_open(folder / INIT_FILE, "pt") as f:
+            init, meta = f.get_tensor("prompt_init").float(), dict(f.metadata())
+        meta["source"] = str(folder)
+        if tuned.shape != init.shape:
+            raise PromptVectorError(f"{folder}: tuned prompt {tuple(tuned.shape)} and initial "
+                                    f"prompt {tuple(init.shape)} differ in shape")
+        return cls(tuned - init, init, meta)
+
+    def check_compatible(self, other: "TaskPromptVector") -> None:
+        """Refuse arithmetic between vectors of different initial prompts, naming the difference."""
+        a, b = self.meta, other.meta
+        where = f"{a.get('source', 'vector')} and {b.get('source', 'vector')}"
+        if a.get("model") != b.get("model"):
+            raise PromptVectorError(f"task prompt vectors from different models ({where}: embedding "
+                                    f"fingerprints {a.get('model')} vs {b.get('model')})")
+        if self.init.shape != other.init.shape:
+            raise PromptVectorError(f"task prompt vectors of different lengths ({where}: "
+                                    f"{self.init.shape[0]} vs {other.init.shape[0]} virtual tokens)")
+        if not torch.equal(self.init, other.init):
+            raise PromptVectorError(f"task prompt vectors from different initial prompts ({where}: "
+                                    f"init_seed {a.get('init_seed')} vs {b.get('init_seed')}); "
+                                    "arithmetic is only defined for one shared P_init")
+
+    def __add__(self, other: "TaskPromptVector") -> "TaskPromptVector":
+        self.check_compatible(other)
+        return TaskPromptVector(self.tau + other.tau, self.init, dict(self.meta))
+
+    def __mul__(self, weight: float) -> "TaskPromptVector":
+        return TaskPromptVector(self.tau * weight, self.init, dict(self.meta))
+
+    __rmul__ = __mul__
+
+    def __neg__(self) -> "TaskPromptVector":
+        return self * -1.0
+
+    def __sub__(self, other: "TaskPromptVector") -> "TaskPromptVector":
+        return self + (-other)
+
+    def prompt(self) -> torch.Tensor:
+        """P_init + τ: the prompt this vector stands for."""
+        return self.init + self.tau
+
+
+def combine(vectors: list[TaskPromptVector], weights: list[float]) -> TaskPromptVector:
+    """Σ λ_t τ_t (all vectors must share one P_init)."""
+    if not vectors or len(vectors) != len(weights):
+        raise PromptVectorError("combine needs one weight per vector and at least one vector")
+    total = vectors[0] * weights[0]
+    for vector, weight in zip(vectors[1:], weights[1:]):
+        total = total + vector * weight
+    return total
+
+
+def set_prompt(model, prompt: torch.Tensor) -> None:
+    """Overwrite the PEFT model's soft prompt."""
+    weight = model.prompt_encoder["default"].embedding.weight
+    with torch.no_grad():
+        weight.copy_(prompt.to(weight.device, weight.dtype))
+
+
+@torch.no_grad()
+def validation_loss(model, inputs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean next-token loss of the prompted model on validation rows."""
+    from workbench.engine import next_token_nll_sum
+
+    device = next(model.parameters()).device
+    nll = next_token_nll_sum(model(input_ids=inputs.to(device)).logits, labels.to(device))
+    return float(nll) / max(1, int((labels[:, 1:] != -100).sum()))
+
+
+def search_lambdas(model, init: torch.Tensor, vectors: list[TaskPromptVector], grid: list[float],
+                   inputs: torch.Tensor, labels: torch.Tensor) -> tuple[list[float], list[dict]]:
+    """Try λ in `grid` for every vector (at most MAX_SEARCH combinations); keep the lowest loss."""
+    combos = list(itertools.product(grid, repeat=len(vectors)))
+    if len(combos) > MAX_SEARCH:
+        raise PromptVectorError(f"adapter.lambda_grid gives {len(combos)} combinations for "
+                                f"{len(vectors)} vectors; at most {MAX_SEARCH} are searched")
+    table = []
+    was_training = model.training
+    model.eval()
+    for weights in combos:
+        set_prompt(model, init + combine(vectors, list(weights)).tau)
+        table.append({"lambdas": list(weights), "loss": validation_loss(model, inputs, labels)})
+    model.train(was_training)
+    best = min(table, key=lambda row: row["loss"])
+    return best["lambdas"], table
+
+
+class PromptMethod:
+    name = "prompt"
+
+    def attach(self, model: torch.nn.Module, spec: PromptSpec, task: str = "causal-lm",
+               gradient_checkpointing: bool = False, locate=None) -> torch.nn.Module:
+        from peft import PromptTuningConfig, PromptTuningInit, get_peft_model
+
+        init = initial_prompt(model, spec.num_virtual_tokens, spec.init_seed)
+        fingerprint = embedding_fingerprint(model)
+        vectors = [TaskPromptVector.from_folder(locate(item.path) if locate else Path(item.path))
+                   for item in spec.init_from]
+        mine = TaskPromptVector(torch.zeros_like(init), init,
+                                {"model": fingerprint, "init_seed": str(spec.init_seed), "source": "this run"})
+        for vector in vectors:
+            mine.check_compatible(vector)
+        config = PromptTuningConfig(task_type=PEFT_TASK_TYPES[task], num_virtual_tokens=spec.num_virtual_tokens,
+                                    prompt_tuning_init=PromptTuningInit.RANDOM)
+        model = get_peft_model(model, config)
+        start = init + combine(vectors, [i.weight for i in spec.init_from]).tau if vectors else init
+        set_prompt(model, start)
+        model.prompt_init = init  # saved beside PEFT's folder
+        model.prompt_meta = {"model": fingerprint, "init_seed": str(spec.init_seed),
+                             "num_virtual_tokens": str(spec.num_virtual_tokens)}
+        model.prompt_vectors = vectors
+        return model
+
+    def prepare(self, model, spec: PromptSpec, validation) -> dict:
+        """The λ search (when `lambda_grid` is set): returns what to record in the run summary."""
+        if not spec.lambda_grid or not model.prompt_vectors:
+            return {}
+        rows = validation.inputs[:spec.lambda_rows], validation.labels[:spec.lambda_rows]
+        best, table = search_lambdas(model, model.prompt_init, model.prompt_vectors,
+                                     spec.lambda_grid, *rows)
+        set_prompt(model, model.prompt_init + combine(model.prompt_vectors, best).tau)
+        return {"lambda_search": table, "lambdas": best}
+
+    def trainable_parameters(self, model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+        return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+    def save(self, model, tokenizer, folder: Path, base_ref: str) -> None:
+        """PEFT's prompt-tuning folder plus `prompt_init.safetensors` (P_init and its metadata)."""
+        save_peft_folder(model, tokenizer, folder, base_ref)
+        save_file({"prompt_init": model.prompt_init.contiguous()}, Path(folder) / INIT_FILE,
+                  metadata=model.prompt_meta)
+
+    def task_vector(self, folder: Path, base_folder: Path | None = None) -> TaskPromptVector:
+        return TaskPromptVector.from_folder(folder)
+
+
+def load(model: torch.nn.Module, folder: Path, trainable: bool = False) -> torch.nn.Module:
+    """Attach a saved prompt-tuning folder (plain PEFT) to its base model."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(model, folder, is_trainable=trainable)
+    if (Path(folder) / INIT_FILE).is_file():
+        vector = TaskPromptVector.from_folder(folder)
+        if vector.meta.get("model") != embedding_fingerprint(model.get_base_model()):
+            raise PromptVectorError(f"{folder}: this prompt was tuned on another model "
+                                    "(its embedding fingerprint differs from the base's)")
+    return model
+
+
+def describe(folder: Path) -> dict:
+    """The metadata of a saved task prompt vector (for `workbench show` and reports)."""
+    with safe_open(Path(folder) / INIT_FILE, "pt") as f:
+        return json.loads(json.dumps(dict(f.metadata())))
