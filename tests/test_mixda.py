@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as nnf
+from safetensors.torch import load_file
 from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel,
                           LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification)
 
@@ -224,3 +225,38 @@ def test_task_vector_arithmetic(tmp_path):
     with pytest.raises(MixdaError, match="layers"):
         a + one
     assert isinstance(2 * one, MixdaTaskVector)
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs: stage 1 on the embedded world's domain text, stage 2 on its instruction data
+
+
+def test_stage_1_learns_the_domain_and_stage_2_trains_gate_and_task_lora(workspace):
+    from conftest import tiny_train_recipe
+    from workbench.models import load_model
+    from workbench.recipes import EvalSpec, ModelSpec
+    from workbench.stages import run_train
+
+    small_eval = EvalSpec(max_tokens=1024, questions=[])
+    stage1 = run_train(tiny_train_recipe(
+        name="mixda-1", adapter={"method": "mixda", "bottleneck": 16}, data__replay_ratio=0.5,
+        train__lr=1e-2, train__max_steps=12, train__checkpoint_every=0, eval=small_eval), workspace)
+    lora = run_train(tiny_train_recipe(
+        name="lora-no-replay", data__replay_ratio=0.0, train__lr=1e-2, train__max_steps=12,
+        train__checkpoint_every=0, eval=small_eval), workspace)
+    mixda_report = json.loads(stage1.path("report.json").read_text())
+    lora_report = json.loads(lora.path("report.json").read_text())
+    assert mixda_report["domain_gain_pct"] > 0
+    assert mixda_report["general_forgetting_pct"] < lora_report["general_forgetting_pct"]
+    assert (stage1.path("adapter", "mixda_config.json")).is_file()
+
+    stage2 = run_train(tiny_train_recipe(
+        name="mixda-2", adapter={"method": "mixda", "stage": 2, "domain_adapters": [f"run:{stage1.id}"],
+                                 "task_lora": {"r": 4, "alpha": 8}},
+        data__train="world:instruct_train", data__format="instruct", data__replay_ratio=0.0,
+        train__lr=1e-2, train__max_steps=4, train__checkpoint_every=0), workspace)
+    model, tokenizer, _ = load_model(ModelSpec(path=f"run:{stage2.id}"), workspace)
+    frozen = load_file(stage1.path("adapter", "mixda.safetensors"))
+    layer = mixda_layers(model)[0]
+    assert torch.equal(layer.adapters["K_1"].up.weight, frozen["layers.0.adapters.K_0.up.weight"])
+    assert any("lora_B" in n for n, _ in model.named_parameters())

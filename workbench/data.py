@@ -1,7 +1,8 @@
 """Training and evaluation data: sources, tokenisation, packing, loss masks and the batch plan.
 
 Sources are `world:<split>` (the embedded world) or files: `.txt` (one document per line) and
-`.jsonl` ({"text": ...} for text; {"prompt"|"question": ..., "answer": ...} for instructions).
+`.jsonl` ({"text": ...} for text; {"prompt"|"question": ..., "answer": ...} for instructions;
+{"text": ..., "label": ...} for sequence classification, one padded row per example).
 
 Packing: documents are joined with the end-of-text token into one stream and cut into rows of
 exactly `seq_len` tokens, so no position is padding. As in standard packed pretraining, documents
@@ -103,6 +104,60 @@ def read_texts(source: str, world_seed: int = 0, world_size: str = "default") ->
     return _read_lines(path)
 
 
+TOPIC_SPLITS = {"topic_train": ("general_train", "domain_train"),
+                "topic_eval": ("general_eval", "domain_eval")}
+TOPIC_ROWS = {"tiny": {"topic_train": 160, "topic_eval": 60},
+              "default": {"topic_train": 1000, "topic_eval": 200}}
+
+
+def _sentences(documents: list[str]) -> list[str]:
+    return [s.strip() + "." for d in documents for s in d.split(". ") if len(s.split()) >= 4]
+
+
+def read_labelled(source: str, world_seed: int = 0, world_size: str = "default"
+                  ) -> tuple[list[str], list[int], list[str]]:
+    """(texts, label ids, label names) for sequence classification.
+
+    `world:topic_train` / `world:topic_eval`: sentences of the embedded world's general and domain
+    documents, labelled `general` / `domain`, balanced and shuffled from the world seed. A
+    `.jsonl` file holds {"text": ..., "label": ...} records; label names are sorted to give ids.
+    """
+    if source.startswith("world:"):
+        split = source.split(":", 1)[1]
+        if split not in TOPIC_SPLITS:
+            raise DataError(f"{source}: not a labelled split (labelled world splits: "
+                            f"{', '.join('world:' + s for s in TOPIC_SPLITS)})")
+        per_class = TOPIC_ROWS[world_size][split] // 2
+        pairs = []
+        for label, part in enumerate(TOPIC_SPLITS[split]):
+            pairs += [(text, label) for text in _sentences(read_texts(f"world:{part}", world_seed, world_size))[:per_class]]
+        order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(world_seed))
+        pairs = [pairs[i] for i in order.tolist()]
+        return [t for t, _ in pairs], [label for _, label in pairs], ["general", "domain"]
+    path = Path(source)
+    if path.suffix != ".jsonl":
+        raise DataError(f"{path}: labelled data must be a .jsonl file of {{text, label}} records")
+    records = list(_read_jsonl(path))
+    for number, record in enumerate(records, start=1):
+        if not isinstance(record.get("text"), str) or "label" not in record:
+            raise DataError(f"{path}: line {number} needs a string 'text' and a 'label'")
+    names = sorted({str(r["label"]) for r in records})
+    if len(names) < 2:
+        raise DataError(f"{path}: sequence classification needs at least two labels (found {names})")
+    return [r["text"] for r in records], [names.index(str(r["label"])) for r in records], names
+
+
+def encode_labelled(texts: list[str], labels: list[int], tokenizer, seq_len: int, source: str) -> "Packed":
+    """One row per text, truncated / right-padded to seq_len; the class id sits in label column 0."""
+    if not texts:
+        raise DataError(f"{source}: no labelled examples")
+    enc = tokenizer(texts, truncation=True, max_length=seq_len, padding="max_length")
+    inputs = torch.tensor(enc["input_ids"], dtype=torch.long)
+    targets = torch.full_like(inputs, IGNORE)
+    targets[:, 0] = torch.tensor(labels, dtype=torch.long)
+    return Packed(inputs, targets)
+
+
 def read_examples(source: str, world_seed: int = 0, world_size: str = "default") -> list[Example]:
     """Question/answer items; file records use `prompt` as given or wrap `question` in the chat format."""
     from .world import chat_prompt
@@ -184,6 +239,9 @@ def pack(stream: list[int], labels: list[int], seq_len: int, source: str) -> Pac
 def pack_source(source: str, tokenizer, seq_len: int, fmt: str = "text",
                 world_seed: int = 0, world_size: str = "default") -> Packed:
     """Read, tokenise and pack a source in one call."""
+    if fmt == "labelled":
+        texts, labels, _ = read_labelled(source, world_seed, world_size)
+        return encode_labelled(texts, labels, tokenizer, seq_len, source)
     if fmt == "instruct":
         stream, labels = encode_examples(read_examples(source, world_seed, world_size), tokenizer)
     else:

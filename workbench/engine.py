@@ -234,6 +234,25 @@ class LanguageModelObjective:
         return token_loss_sum(model, inputs, labels) / max(1, totals["tokens"])
 
 
+class ClassificationObjective:
+    """Sequence classification: Σ cross-entropy over rows / labelled rows of the global batch.
+
+    Rows are single examples right-padded with `pad_id` (the attention mask leaves the padding
+    out); the class id sits in label column 0.
+    """
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def totals(self, inputs: torch.Tensor, labels: torch.Tensor, replay: torch.Tensor) -> dict:
+        return {"rows": int((labels[:, 0] != IGNORE).sum())}
+
+    def __call__(self, model, inputs, labels, replay, totals: dict) -> torch.Tensor:
+        logits = model(input_ids=inputs, attention_mask=(inputs != self.pad_id).long()).logits
+        return F.cross_entropy(logits.float(), labels[:, 0], ignore_index=IGNORE,
+                               reduction="sum") / max(1, totals["rows"])
+
+
 class StepObserver:
     """Called around each optimizer update (e.g. to record a path-integral importance)."""
 

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from .data import IGNORE, encode_documents, pack, read_examples, read_texts
+from .data import (IGNORE, _sentences, encode_documents, encode_labelled, pack, read_examples,
+                   read_labelled, read_texts)
 from .engine import next_token_nll_sum
 from .recipes import EvalSpec
 
@@ -140,3 +141,62 @@ def format_report(report: dict, labels: tuple[str, str] = ("base", "adapted")) -
                  f"General forgetting: {report['general_forgetting_pct']:+.1f}% "
                  "(higher general perplexity is forgetting).")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sequence classification (encoders and classification heads)
+
+EMBEDDING_SENTENCES = 64
+
+
+def _pooled(model, inputs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of the last hidden state over real tokens (virtual prompt tokens left out)."""
+    hidden = model(input_ids=inputs, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+    hidden = hidden[:, -inputs.shape[1]:].float()
+    weights = mask.unsqueeze(-1).float()
+    return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1)
+
+
+@torch.no_grad()
+def classifier_metrics(model, tokenizer, spec: EvalSpec, seq_len: int, world_seed: int = 0,
+                       world_size: str = "default") -> tuple[dict, torch.Tensor]:
+    """Accuracy and mean loss on `spec.labelled`, plus pooled embeddings of general sentences
+    (to measure how far the encoder's representation of general text moved)."""
+    was_training = model.training
+    model.eval()
+    device = _device(model)
+    texts, labels, _ = read_labelled(spec.labelled, world_seed, world_size)
+    packed = encode_labelled(texts, labels, tokenizer, seq_len, spec.labelled)
+    correct, loss = 0, 0.0
+    for start in range(0, len(packed), spec.batch_size):
+        x = packed.inputs[start:start + spec.batch_size].to(device)
+        y = packed.labels[start:start + spec.batch_size, 0].to(device)
+        logits = model(input_ids=x, attention_mask=(x != tokenizer.pad_token_id).long()).logits.float()
+        loss += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(-1) == y).sum())
+    general = _sentences(read_texts(spec.general_text, world_seed, world_size))[:EMBEDDING_SENTENCES]
+    enc = tokenizer(general, truncation=True, max_length=seq_len, padding=True, return_tensors="pt").to(device)
+    embeddings = _pooled(model, enc["input_ids"], enc["attention_mask"]).cpu()
+    model.train(was_training)
+    return {"accuracy": correct / len(packed), "loss": loss / len(packed), "n": len(packed)}, embeddings
+
+
+def classifier_report(base: dict, model: dict, base_embeddings: torch.Tensor,
+                      embeddings: torch.Tensor) -> dict:
+    """Task gain (accuracy points over the base with its untrained head) and general forgetting
+    (1 − mean cosine between base and adapted embeddings of general sentences, in percent)."""
+    cosine = float(torch.nn.functional.cosine_similarity(base_embeddings, embeddings, dim=-1).mean())
+    return {"base": base, "model": model, "task_gain_pts": 100.0 * (model["accuracy"] - base["accuracy"]),
+            "general_embedding_cosine": cosine, "general_forgetting_pct": 100.0 * (1.0 - cosine)}
+
+
+def format_classifier_report(report: dict) -> str:
+    base, model = report["base"], report["model"]
+    return "\n".join([
+        f"{'metric':22s} {'base':>8s} {'adapted':>8s}",
+        f"{'task accuracy':22s} {100 * base['accuracy']:7.1f}% {100 * model['accuracy']:7.1f}%",
+        f"{'task loss':22s} {base['loss']:8.3f} {model['loss']:8.3f}",
+        "",
+        f"Task gain: {report['task_gain_pts']:+.1f} pts accuracy. General forgetting: "
+        f"{report['general_forgetting_pct']:.2f}% (1 − cosine of general-text embeddings, base vs adapted).",
+    ])

@@ -62,7 +62,9 @@ class DataSpec(Strict):
     replay_ratio: float = Field(
         0.1, ge=0.0, lt=1.0, description="Share of each batch drawn from `replay` (general data)."
     )
-    format: Literal["text", "instruct"] = "text"
+    format: Literal["text", "instruct", "labelled"] = Field(
+        "text", description="labelled: {text, label} examples (or world:topic_train) train a "
+        "sequence-classification head; replay is not used.")
     seq_len: int = Field(128, ge=8, le=131072)
     world_seed: int = 0
     world_size: Literal["tiny", "default"] = "default"
@@ -245,6 +247,8 @@ class EvalSpec(Strict):
             "world:domain_cloze_eval",
         ]
     )
+    labelled: str = Field("world:topic_eval",
+                          description="Held-out labelled examples (sequence classification runs).")
     max_tokens: int = Field(16384, ge=64, description="Token budget per text set.")
     max_questions: int = Field(100, ge=1)
     max_new_tokens: int = Field(8, ge=1, le=256)
@@ -290,6 +294,11 @@ class TrainRecipe(Strict):
     adapter: AdapterSpec = Field(default_factory=LoraSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
     eval: EvalSpec | None = Field(default_factory=EvalSpec)
+
+    @property
+    def task(self) -> str:
+        """sequence-classification for labelled data, causal-lm otherwise."""
+        return "sequence-classification" if self.data.format == "labelled" else "causal-lm"
 
 
 class EvalRecipe(Strict):

@@ -16,9 +16,11 @@ import torch
 
 from adapters import get_method
 
-from .data import BatchPlan, DataError, pack_source
-from .engine import make_accelerator, process_state, seed_everything, train_loop
-from .evaluate import evaluate_model, format_report, gain_forgetting
+from .data import BatchPlan, DataError, pack_source, read_labelled
+from .engine import (ClassificationObjective, make_accelerator, process_state, seed_everything,
+                     train_loop)
+from .evaluate import (classifier_metrics, classifier_report, evaluate_model, format_classifier_report,
+                       format_report, gain_forgetting)
 from .models import ModelLoadError, load_model, max_sequence_length, resolve_source
 from .recipes import (EvalRecipe, MergeRecipe, ModelSpec, PipelineRecipe,
                       TrainRecipe, TrainSpec, load_recipe, recipe_to_yaml)
@@ -73,38 +75,45 @@ def run_train(recipe: TrainRecipe, ws: Workspace, run: Run | None = None, resume
     with ws.running(run) if process_state().is_main_process else nullcontext(run):
         seed_everything(recipe.seed)
         accelerator = make_accelerator(recipe.train.precision)
-        model, tokenizer, source = load_model(recipe.model, ws)
+        task = recipe.task
+        data = recipe.data
+        num_labels = len(read_labelled(data.train, data.world_seed, data.world_size)[2]) \
+            if task == "sequence-classification" else None
+        model, tokenizer, source = load_model(recipe.model, ws, task=task, num_labels=num_labels)
         if source.adapter is not None:
             raise ModelLoadError(f"model.path '{recipe.model.path}' is an adapter; train on a full "
                                  "model (merge the adapter into its base first)")
-        check_seq_len(recipe.data.seq_len, model, str(source.folder))
-        data = recipe.data
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+        check_seq_len(data.seq_len, model, str(source.folder))
         train_set = pack_source(data.train, tokenizer, data.seq_len, data.format,
                                 data.world_seed, data.world_size)
         replay_set = None
-        if data.replay_ratio > 0:
+        if data.replay_ratio > 0 and task == "causal-lm":
             replay_set = pack_source(data.replay, tokenizer, data.seq_len, "text",
                                      data.world_seed, data.world_size)
-        plan = BatchPlan(train_set, replay_set, recipe.train.batch_size, data.replay_ratio, recipe.seed)
+        replay_ratio = data.replay_ratio if replay_set is not None else 0.0
+        plan = BatchPlan(train_set, replay_set, recipe.train.batch_size, replay_ratio, recipe.seed)
         steps = total_steps(recipe.train, plan)
-        run.log(f"model {source.ref}; {len(train_set)} training rows of {data.seq_len} tokens; "
+        run.log(f"model {source.ref} ({task}); {len(train_set)} training rows of {data.seq_len} tokens; "
                 f"{plan.n_train}+{plan.n_replay} rows per step; {steps} steps")
 
-        base_metrics = None
-        if recipe.eval is not None and accelerator.is_main_process:
-            base_metrics = _recorded_base_metrics(run) if resume else None
-            if base_metrics is None:
-                say("Evaluating the base model ...")
-                base_metrics = evaluate_model(model, tokenizer, recipe.eval, data.seq_len,
-                                              data.world_seed, data.world_size)
-                run.append_metrics({"step": 0, **{f"eval/{k}": v for k, v in base_metrics.items()}})
+        evaluator = RunEvaluator(recipe, tokenizer) if recipe.eval is not None else None
+        if evaluator is not None and accelerator.is_main_process:
+            evaluator.evaluate_base(model, run, resume)
 
         method = get_method(recipe.adapter.method)
         torch.manual_seed(recipe.seed)
-        model = method.attach(model, recipe.adapter, gradient_checkpointing=recipe.train.gradient_checkpointing,
+        model = method.attach(model, recipe.adapter, task=task,
+                              gradient_checkpointing=recipe.train.gradient_checkpointing,
                               locate=lambda ref: adapter_folder_of(ref, ws))
         trainable = method.trainable_parameters(model)
         objective = method.objective(recipe.adapter) if hasattr(method, "objective") else None
+        if task == "sequence-classification":
+            if objective is not None:
+                raise DataError(f"adapter.method {recipe.adapter.method} with these settings trains on "
+                                "unlabelled text; use data.format text or instruct")
+            objective = ClassificationObjective(tokenizer.pad_token_id)
         prepared = {}
         if hasattr(method, "prepare") and not resume:  # e.g. the λ search of task prompt vectors
             prepared = method.prepare(model, recipe.adapter, _validation_set(recipe, tokenizer, train_set))
@@ -123,36 +132,75 @@ def run_train(recipe: TrainRecipe, ws: Workspace, run: Run | None = None, resume
                 say=lambda message: (run.log(message), say(message)))
 
         def evaluate_early(step: int) -> dict:
-            return evaluate_model(accelerator.unwrap_model(model), tokenizer, recipe.eval,
-                                  data.seq_len, data.world_seed, data.world_size, text_only=True)
+            return evaluator.evaluate_early(accelerator.unwrap_model(model))
 
         started = time.time()
         progress = train_loop(model, plan, recipe.train, steps, run, accelerator, trainable,
-                              resume=resume, evaluate=evaluate_early if recipe.eval else None,
+                              resume=resume, evaluate=evaluate_early if evaluator else None,
                               objective=objective, penalty=penalty)
         model = accelerator.unwrap_model(model)
         output = "adapter" if recipe.adapter.method != "full" else "model"
         losses = [m["loss"] for m in run.metrics() if "loss" in m]
-        summary: dict = {**prepared, "steps": progress.step, "tokens": progress.tokens,
+        summary: dict = {**prepared, "task": task, "steps": progress.step, "tokens": progress.tokens,
                          "train_seconds": round(progress.elapsed, 2),
                          "final_loss": losses[-1] if losses else None}
         if accelerator.is_main_process:
             method.save(model, tokenizer, run.path(output), base_ref=str(source.folder))
-            if base_metrics is not None:
+            if evaluator is not None:
                 say("Evaluating the adapted model ...")
-                adapted = evaluate_model(model, tokenizer, recipe.eval, data.seq_len,
-                                         data.world_seed, data.world_size)
-                report = gain_forgetting(base_metrics, adapted)
-                write_json(run.path("report.json"), report)
-                summary.update(domain_gain_pct=report["domain_gain_pct"],
-                               general_forgetting_pct=report["general_forgetting_pct"],
-                               base=base_metrics, adapted=adapted)
-                say(format_report(report))
+                summary.update(evaluator.report(model, run))
             summary["wall_seconds"] = round(time.time() - started, 2)
             write_json(run.path("summary.json"), summary)
             run.finish(summary, outputs={output: output, "base": source.ref})
         accelerator.wait_for_everyone()
     return run
+
+
+class RunEvaluator:
+    """Base-vs-adapted evaluation of a training run: held-out perplexity, bits per byte and exact
+    match for language models; task accuracy and general-text embedding drift for classifiers."""
+
+    def __init__(self, recipe: TrainRecipe, tokenizer):
+        self.recipe, self.tokenizer = recipe, tokenizer
+        data = recipe.data
+        self.args = (recipe.eval, data.seq_len, data.world_seed, data.world_size)
+        self.classifier = recipe.task == "sequence-classification"
+        self.base = None
+        self.base_embeddings = None
+
+    def evaluate_base(self, model, run: Run, resume: bool) -> None:
+        if self.classifier:  # the base's embeddings are not logged: recompute on resume
+            say("Evaluating the base model ...")
+            self.base, self.base_embeddings = classifier_metrics(model, self.tokenizer, *self.args)
+            run.append_metrics({"step": 0, **{f"eval/{k}": v for k, v in self.base.items()}})
+            return
+        self.base = _recorded_base_metrics(run) if resume else None
+        if self.base is None:
+            say("Evaluating the base model ...")
+            self.base = evaluate_model(model, self.tokenizer, *self.args)
+            run.append_metrics({"step": 0, **{f"eval/{k}": v for k, v in self.base.items()}})
+
+    def evaluate_early(self, model) -> dict:
+        if self.classifier:
+            return classifier_metrics(model, self.tokenizer, *self.args)[0]
+        return evaluate_model(model, self.tokenizer, *self.args, text_only=True)
+
+    def report(self, model, run: Run) -> dict:
+        """Write report.json, print the table, return what goes into the run summary."""
+        if self.classifier:
+            adapted, embeddings = classifier_metrics(model, self.tokenizer, *self.args)
+            report = classifier_report(self.base, adapted, self.base_embeddings, embeddings)
+            text = format_classifier_report(report)
+            headline = {"task_gain_pts": report["task_gain_pts"]}
+        else:
+            adapted = evaluate_model(model, self.tokenizer, *self.args)
+            report = gain_forgetting(self.base, adapted)
+            text = format_report(report)
+            headline = {"domain_gain_pct": report["domain_gain_pct"]}
+        write_json(run.path("report.json"), report)
+        say(text)
+        return {**headline, "general_forgetting_pct": report["general_forgetting_pct"],
+                "base": self.base, "adapted": adapted}
 
 
 def _validation_set(recipe: TrainRecipe, tokenizer, train_set):
