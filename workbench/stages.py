@@ -395,18 +395,23 @@ def _write_merge(recipe: MergeRecipe, sources, base, output: Path, exact_lora: b
 
 
 def _bind_stage_refs(stage, done: dict[str, str]):
-    """Replace `stage:<name>` references (model, base, inputs) with `run:<id>` of that stage."""
-    data = stage.model_dump()
-    specs = [(key, data.get(key)) for key in ("model", "base")]
-    specs += [(f"inputs.{i}", spec) for i, spec in enumerate(data.get("inputs") or [])]
-    for key, spec in specs:
-        if isinstance(spec, dict) and str(spec.get("path", "")).startswith("stage:"):
-            name = spec["path"].split(":", 1)[1]
+    """Replace every `stage:<name>` value (model.path, inputs.N.path, adapter.init_from.N.path,
+    adapter.domain_adapters.N, train.regularizer.importance, ...) with `run:<id>` of that stage."""
+
+    def bind(node, key: str):
+        if isinstance(node, dict):
+            return {k: bind(v, f"{key}.{k}" if key else k) for k, v in node.items()}
+        if isinstance(node, list):
+            return [bind(v, f"{key}.{i}") for i, v in enumerate(node)]
+        if isinstance(node, str) and node.startswith("stage:"):
+            name = node.split(":", 1)[1]
             if name not in done:
-                raise ValueError(f"stage '{stage.name}': {key}.path refers to stage '{name}', "
+                raise ValueError(f"stage '{stage.name}': {key} refers to stage '{name}', "
                                  "which does not run before it")
-            spec["path"] = f"run:{done[name]}"
-    return type(stage).model_validate(data)
+            return f"run:{done[name]}"
+        return node
+
+    return type(stage).model_validate(bind(stage.model_dump(), ""))
 
 
 def run_pipeline(recipe: PipelineRecipe, ws: Workspace, run: Run | None = None,
