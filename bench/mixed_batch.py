@@ -47,8 +47,6 @@ import argparse
 import copy
 import json
 import os
-import platform
-import re
 import shlex
 import statistics
 import sys
@@ -58,6 +56,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_throughput import CpuContention  # noqa: E402  (one probe for every benchmark)
+from train_throughput import machine_info as shared_machine_info  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 8192
@@ -129,33 +128,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def machine_info(device) -> dict:
-    import importlib.metadata as md
-
+    """The shared machine record (train_throughput.machine_info) plus threads and CUDA version."""
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        found = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
-        cpu = found.group(1).strip() if found else cpu
-    except OSError:
-        pass
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count()
-    info = {"cpu": cpu, "cores": cores, "memory_gib": None, "os": platform.platform(),
-            "python": platform.python_version(), "device": device.type,
-            "torch_threads": torch.get_num_threads()}
-    try:
-        mem = re.search(r"^MemTotal:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.M)
-        info["memory_gib"] = round(int(mem.group(1)) / 2**20, 1) if mem else None
-    except OSError:
-        pass
+    info = shared_machine_info(device.type)
+    info["torch_threads"] = torch.get_num_threads()
     if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
-    for name in ("torch", "transformers", "peft"):
-        info[name] = md.version(name)
     return info
 
 
