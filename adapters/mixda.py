@@ -26,16 +26,24 @@ text (`set_recording` + `consistency_per_row`). Stage 2: stage-1 adapters load f
 as `K_1 … K_n`, and a new gate over [K_1, …, K_n, F] trains with an optional LoRA task adapter.
 
 Folder format: `mixda_config.json`, `mixda.safetensors` (keys `layers.<i>.adapters.<K>.{down,up}.*`,
-`layers.<i>.gate.*`, and `head.<name>.*` for sequence classification), the tokenizer when given,
-and for stage 2 with a task LoRA a PEFT folder `task_lora/`.
+`layers.<i>.gate.*`, `head.<name>.*` for sequence classification and `mlm_head.<name>.*` for a
+masked-LM head trained in stage 1), the tokenizer when given, and for stage 2 with a task LoRA a PEFT
+folder `task_lora/`.
+
+Encoders (BERT family) train stage 1 with the masked-LM loss for L_K (`workbench.engine.TokenMasker`,
+15% of tokens, 80/10/10), as the paper did on RoBERTa. A checkpoint without a masked-LM head (a
+sentence encoder such as all-MiniLM-L6-v2 ships only the encoder) gets a freshly initialised head
+whose transform and bias train together with the domain adapters (the decoder stays tied to the
+frozen word embeddings) and are saved in the folder; a checkpoint that has its head keeps it frozen.
 """
 
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -49,7 +57,8 @@ from .lora import save_peft_folder
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
 BERT_FAMILY = ("bert", "roberta")
-TASKS = ("causal-lm", "sequence-classification", "feature-extraction")
+TASKS = ("causal-lm", "masked-lm", "sequence-classification", "feature-extraction")
+MLM_HEAD_NAMES = ("cls", "lm_head")  # BERT, RoBERTa
 PEFT_TASK_TYPES = {"causal-lm": "CAUSAL_LM", "feature-extraction": "FEATURE_EXTRACTION"}
 HEAD_NAMES = ("score", "classifier")
 CONFIG_FILE, WEIGHTS_FILE, LORA_FOLDER = "mixda_config.json", "mixda.safetensors", "task_lora"
@@ -94,12 +103,15 @@ class MixdaLayer(nn.Module):
         self.adapters = nn.ModuleDict({name: BottleneckAdapter(intermediate_size, size, hidden_size)
                                        for name, size in bottlenecks.items()})
         self.gate = nn.Linear(hidden_size, len(bottlenecks) + 1)
+        self.enabled = True
         self.recording = False
         self.record_mask: torch.Tensor | None = None
         self.recorded: torch.Tensor | None = None
 
     def forward(self, gate_input: torch.Tensor, intermediate: torch.Tensor,
                 f_out: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return f_out
         dtype = self.gate.weight.dtype
         g = torch.softmax(self.gate(gate_input.to(dtype)), dim=-1)
         z = intermediate.to(dtype)
@@ -223,13 +235,46 @@ def _insert(base: nn.Module, layers: list[int], bottlenecks: dict[str, int]) -> 
             block.output = MixdaBertOutput(ffn, mixda)
 
 
-def _set_trainable(model: nn.Module, stage: int, task: str, on: bool = True) -> None:
-    """Stage 1: adapters + gate; stage 2: gate only; plus the head for sequence classification."""
+def _set_trainable(model: nn.Module, stage: int, task: str, on: bool = True,
+                   mlm_head: bool = False) -> None:
+    """Stage 1: adapters + gate; stage 2: gate only; plus the head for sequence classification,
+    and a new masked-LM head's own parameters when `mlm_head`."""
     for layer in mixda_layers(model):
         layer.gate.requires_grad_(on)
         layer.adapters.requires_grad_(on and stage == 1)
     if task == "sequence-classification":
         _head(_unwrap(model))[1].requires_grad_(on)
+    if mlm_head:
+        for p in _mlm_head_parameters(_unwrap(model)).values():
+            p.requires_grad_(on)
+
+
+def _mlm_head(base: nn.Module) -> tuple[str, nn.Module]:
+    for name in MLM_HEAD_NAMES:
+        module = getattr(base, name, None)
+        if isinstance(module, nn.Module):
+            return name, module
+    raise MixdaError(f"{type(base).__name__}: no masked-LM head ({' or '.join(MLM_HEAD_NAMES)})")
+
+
+def _mlm_head_parameters(base: nn.Module) -> dict[str, nn.Parameter]:
+    """The masked-LM head's own parameters (transform, bias): not the decoder tied to the input
+    embeddings."""
+    _, head = _mlm_head(base)
+    embedding = base.get_input_embeddings().weight
+    return {n: p for n, p in head.named_parameters() if p is not embedding}
+
+
+def _checkpoint_has_mlm_head(base: nn.Module) -> bool:
+    """Whether the folder the model came from stores a masked-LM head (read from safetensors
+    headers; a folder we cannot read counts as having none)."""
+    from workbench.models import read_safetensors_header
+
+    folder = Path(getattr(base.config, "_name_or_path", "") or ".")
+    names: set[str] = set()
+    for path in folder.glob("*.safetensors") if folder.is_dir() else []:
+        names.update(read_safetensors_header(path))
+    return any(n.split(".", 1)[0] in MLM_HEAD_NAMES for n in names)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,8 +379,15 @@ class MixdaMethod:
             sources = self._attach_domain_adapters(base, spec, locate or Path)
             if spec.task_lora is not None:
                 model = _attach_lora(model, spec.task_lora, task)
-        setattr(base, META_ATTR, {"stage": spec.stage, "task": task, "sources": sources})
-        _set_trainable(model, spec.stage, task)
+        if task == "masked-lm" and spec.stage != 1:
+            raise MixdaError("masked-LM training of MixDA is stage 1; stage 2 trains on labelled or "
+                             "instruction data")
+        mlm_head = task == "masked-lm" and not _checkpoint_has_mlm_head(base)
+        if task == "masked-lm":
+            _mlm_head(base)
+        setattr(base, META_ATTR, {"stage": spec.stage, "task": task, "sources": sources,
+                                  "mlm_head": mlm_head})
+        _set_trainable(model, spec.stage, task, mlm_head=mlm_head)
         return model
 
     def _attach_domain_adapters(self, base: nn.Module, spec: MixdaSpec,
@@ -366,9 +418,23 @@ class MixdaMethod:
     def trainable_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
         return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
-    def objective(self, spec: MixdaSpec):
-        """Stage 1: λ·L_K + L_S (`Stage1Objective`); stage 2: the engine's default signal."""
-        return Stage1Objective(spec.lambda_k) if spec.stage == 1 else None
+    def objective(self, spec: MixdaSpec, masker=None):
+        """Stage 1: λ·L_K + L_S (`Stage1Objective`, L_K masked-LM when a `masker` is given);
+        stage 2: the engine's default signal."""
+        return Stage1Objective(spec.lambda_k, masker) if spec.stage == 1 else None
+
+    @staticmethod
+    @contextmanager
+    def disabled(model: nn.Module):
+        """Inside: every MixDA layer returns F (the model is its backbone, heads kept)."""
+        layers = mixda_layers(model)
+        for layer in layers:
+            layer.enabled = False
+        try:
+            yield model
+        finally:
+            for layer in layers:
+                layer.enabled = True
 
     def save(self, model: nn.Module, tokenizer, folder: Path, base_ref: str) -> None:
         """Write config, MixDA tensors, the task LoRA (stage 2) and the tokenizer, atomically."""
@@ -379,7 +445,8 @@ class MixdaMethod:
             raise MixdaError("the model has no MixDA layers to save")
         has_lora = meta["stage"] == 2 and hasattr(model, "peft_config")
         with atomic_folder(folder, overwrite=True) as tmp:
-            save_file(_mixda_tensors(base, meta["task"]), str(tmp / WEIGHTS_FILE))
+            save_file(_mixda_tensors(base, meta["task"], meta.get("mlm_head", False)),
+                      str(tmp / WEIGHTS_FILE))
             config = _folder_config(base, meta, base_ref, has_lora)
             (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
             if has_lora:
@@ -393,12 +460,15 @@ class MixdaMethod:
         return MixdaTaskVector.from_folder(folder)
 
 
-def _mixda_tensors(base: nn.Module, task: str) -> dict[str, torch.Tensor]:
+def _mixda_tensors(base: nn.Module, task: str, mlm_head: bool = False) -> dict[str, torch.Tensor]:
     tensors = {f"layers.{layer.index}.{k}": v for layer in mixda_layers(base)
                for k, v in layer.state_dict().items()}
     if task == "sequence-classification":
         name, head = _head(base)
         tensors.update({f"head.{name}.{k}": v for k, v in head.state_dict().items()})
+    if mlm_head:
+        name = _mlm_head(base)[0]
+        tensors.update({f"mlm_head.{name}.{k}": v for k, v in _mlm_head_parameters(base).items()})
     return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
 
@@ -410,7 +480,7 @@ def _folder_config(base: nn.Module, meta: dict, base_ref: str, has_lora: bool) -
               "adapters": list(adapters),
               "bottleneck": {n: a.down.out_features for n, a in adapters.items()},
               **_model_facts(base), "base_model_name_or_path": base_ref,
-              "task_lora": has_lora}
+              "task_lora": has_lora, "mlm_head": bool(meta.get("mlm_head"))}
     if meta["stage"] == 2:
         config["domain_adapters"] = meta["sources"]
     return config
@@ -431,14 +501,25 @@ def load(model: nn.Module, folder: Path, trainable: bool = False) -> nn.Module:
         name, head = _head(base)
         _load_module(head, {k.removeprefix(f"head.{name}."): v for k, v in tensors.items()
                             if k.startswith(f"head.{name}.")}, folder, f"head {name}")
+    mlm_head = bool(config.get("mlm_head"))
+    if mlm_head:
+        name, prefix = _mlm_head(base)[0], f"mlm_head.{_mlm_head(base)[0]}."
+        own = _mlm_head_parameters(base)
+        stored = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+        if sorted(stored) != sorted(own):
+            raise MixdaError(f"{folder}: masked-LM head tensors {sorted(stored)} do not match the "
+                             f"model's {name} head {sorted(own)}")
+        with torch.no_grad():
+            for key, p in own.items():
+                p.copy_(stored[key].to(p.dtype))
     model.requires_grad_(False)
     if config.get("task_lora"):
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, folder / LORA_FOLDER, is_trainable=trainable)
     setattr(base, META_ATTR, {"stage": config["stage"], "task": config["task"],
-                              "sources": config.get("domain_adapters", [])})
-    _set_trainable(model, config["stage"], config["task"], on=trainable)
+                              "sources": config.get("domain_adapters", []), "mlm_head": mlm_head})
+    _set_trainable(model, config["stage"], config["task"], on=trainable, mlm_head=mlm_head)
     return model
 
 
@@ -479,33 +560,45 @@ class Stage1Objective:
     """L = λ·L_K + L_S for one step (see `workbench.engine.LanguageModelObjective` for the protocol).
 
     The step's batch holds domain rows (the training data) and general rows (the replay data):
-    L_K is the next-token loss over the domain rows' target tokens; L_S is the mean over general
+    L_K is the next-token loss over the domain rows' target tokens (the masked-LM loss over their
+    masked tokens when a `TokenMasker` is given, for encoders); L_S is the mean over general
     rows of the per-row consistency ‖mixed − F‖² (`consistency_per_row`). General rows carry no
     language-model loss, as in the paper (L_S alone keeps the old knowledge).
     """
 
-    def __init__(self, lambda_k: float):
-        self.lambda_k = lambda_k
+    def __init__(self, lambda_k: float, masker=None):
+        self.lambda_k, self.masker = lambda_k, masker
 
     def totals(self, inputs: torch.Tensor, labels: torch.Tensor, replay: torch.Tensor) -> dict:
         if not bool(replay.any()):
             raise MixdaError("MixDA stage 1 needs general text for L_S: set data.replay (general "
                              "text) and data.replay_ratio > 0")
+        if self.masker is not None:
+            masked = self.masker(inputs[~replay])[1]
+            return {"domain_tokens": int((masked != IGNORE).sum()), "replay_rows": int(replay.sum())}
         domain = labels[~replay]
         return {"domain_tokens": int((domain[:, 1:] != IGNORE).sum()),
                 "replay_rows": int(replay.sum())}
 
     def __call__(self, model, inputs, labels, replay, totals: dict) -> torch.Tensor:
-        from workbench.engine import next_token_nll_sum
+        from workbench.engine import masked_nll_sum, next_token_nll_sum
 
+        kwargs: dict = {"use_cache": False}
+        if self.masker is not None:  # encoders: corrupt the domain rows, keep general rows clean
+            corrupted, targets = inputs.clone(), torch.full_like(inputs, IGNORE)
+            corrupted[~replay], targets[~replay] = self.masker(inputs[~replay])
+            inputs, kwargs = corrupted, {}
         set_recording(model, True)
         try:
-            logits = model(input_ids=inputs, use_cache=False).logits
+            logits = model(input_ids=inputs, **kwargs).logits
             per_row = consistency_per_row(model)
         finally:
             set_recording(model, False)
-        domain_labels = labels.masked_fill(replay[:, None], IGNORE)
-        l_k = next_token_nll_sum(logits, domain_labels) / max(1, totals["domain_tokens"])
+        if self.masker is not None:
+            l_k = masked_nll_sum(logits, targets) / max(1, totals["domain_tokens"])
+        else:
+            domain_labels = labels.masked_fill(replay[:, None], IGNORE)
+            l_k = next_token_nll_sum(logits, domain_labels) / max(1, totals["domain_tokens"])
         l_s = per_row[replay].sum() / totals["replay_rows"]
         return self.lambda_k * l_k + l_s
 

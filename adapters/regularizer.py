@@ -129,15 +129,16 @@ def load_importance(path: Path, trainable: dict[str, torch.nn.Parameter], finger
 
 
 def record_importance(model, trainable: dict[str, torch.nn.Parameter], plan, spec, steps: int,
-                      xi: float, device) -> dict[str, torch.Tensor]:
+                      xi: float, device, objective=None) -> dict[str, torch.Tensor]:
     """Phase 1: train on general data for `steps` steps recording ω, then restore θ*.
 
     A plain loop (one micro-batch per step, the run's lr and optimizer); the trained values are
-    thrown away, only Ω is kept.
+    thrown away, only Ω is kept. `objective` is the run's training signal (next-token loss by
+    default; a classifier's cross-entropy on labelled data).
     """
     recorder = ImportanceRecorder(trainable)
     optimizer = make_optimizer(list(trainable.values()), spec)
-    objective = LanguageModelObjective()
+    objective = objective or LanguageModelObjective()
     model.train()
     for step in range(steps):
         inputs, labels = plan.batch(step)
@@ -177,9 +178,15 @@ def make_penalty(importance: dict[str, torch.Tensor], trainable: dict[str, torch
 
 
 def prepare_regularizer(spec, train_spec, model, trainable, tokenizer, data, run_folder: Path,
-                        locate_importance, device, say=print):
-    """Phase 1 (or reuse of a stored Ω) for a run, then the phase-2 penalty function."""
-    from workbench.data import BatchPlan, pack_source
+                        locate_importance, device, say=print, objective=None, fmt: str = "text"):
+    """Phase 1 (or reuse of a stored Ω) for a run, then the phase-2 penalty function.
+
+    Language-model runs record Ω with the next-token loss on general text. Sequence-classification
+    runs (`fmt="labelled"`, `objective` the classifier's loss) record it on an earlier labelled
+    task (the continual-learning setting of Synaptic Intelligence: task A's importance protects
+    what the encoder learnt for it while task B trains).
+    """
+    from workbench.data import BatchPlan, DataError, pack_source
 
     fingerprint = embedding_fingerprint(model)
     target = Path(run_folder) / IMPORTANCE_FILE
@@ -188,10 +195,15 @@ def prepare_regularizer(spec, train_spec, model, trainable, tokenizer, data, run
         importance = load_importance(source, trainable, fingerprint)
         say(f"Importance Ω from {source}")
     else:
-        general = pack_source(spec.data, tokenizer, data.seq_len, "text", data.world_seed, data.world_size)
+        try:
+            general = pack_source(spec.data, tokenizer, data.seq_len, fmt, data.world_seed, data.world_size)
+        except DataError as err:
+            kind = "labelled data (a classification run)" if fmt == "labelled" else "text"
+            raise DataError(f"train.regularizer.data must be {kind}: {err}") from None
         plan = BatchPlan(general, None, train_spec.batch_size // train_spec.grad_accum, 0.0, 0)
         say(f"Recording importance Ω on {spec.data} for {spec.steps} steps ...")
         started = time.time()
-        importance = record_importance(model, trainable, plan, train_spec, spec.steps, spec.xi, device)
+        importance = record_importance(model, trainable, plan, train_spec, spec.steps, spec.xi, device,
+                                       objective)
         save_importance(importance, target, fingerprint, spec.steps, spec.xi, time.time() - started)
     return make_penalty(importance, trainable, spec.phi)

@@ -198,8 +198,11 @@ class Packed:
 
 
 def encode_documents(texts: list[str], tokenizer) -> tuple[list[int], list[int]]:
-    """One token stream: each document followed by the end-of-text token; every token is a label."""
-    eos = tokenizer.eos_token_id
+    """One token stream: each document followed by the end-of-text token (an encoder's [SEP]);
+    every token is a label."""
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    if eos is None:
+        raise DataError(f"{type(tokenizer).__name__} has neither an end-of-text nor a separator token")
     stream: list[int] = []
     for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
         stream.extend(ids)

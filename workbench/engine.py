@@ -18,6 +18,7 @@ import math
 from contextlib import nullcontext
 import shutil
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -251,6 +252,60 @@ class ClassificationObjective:
         logits = model(input_ids=inputs, attention_mask=(inputs != self.pad_id).long()).logits
         return F.cross_entropy(logits.float(), labels[:, 0], ignore_index=IGNORE,
                                reduction="sum") / max(1, totals["rows"])
+
+
+class TokenMasker:
+    """BERT's masked-LM corruption (Devlin et al. 2019): about `prob` of the non-special tokens of
+    a row are chosen; of those 80% become the mask token, 10% a random token, 10% stay. Returns
+    (corrupted inputs, labels) with labels = the original token at chosen positions, -100 elsewhere.
+
+    Deterministic per row: the draw comes from a generator seeded by (seed, the row's tokens), so
+    the global-batch count in an objective's `totals` and each micro-batch's corruption agree, a
+    resumed run corrupts as before, and evaluation sees the same masks for base and adapted model.
+    """
+
+    def __init__(self, tokenizer, seed: int = 0, prob: float = 0.15):
+        if tokenizer.mask_token_id is None:
+            raise ValueError(f"{type(tokenizer).__name__} has no mask token; masked-LM training "
+                             "needs an encoder tokenizer (BERT, RoBERTa)")
+        self.mask_id, self.vocab, self.seed, self.prob = tokenizer.mask_token_id, len(tokenizer), seed, prob
+        self.special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
+
+    def _row(self, row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(row.numpy().tobytes()))
+        chosen = (torch.rand(row.shape, generator=g) < self.prob) & ~torch.isin(row, self.special)
+        action = torch.rand(row.shape, generator=g)
+        random_tokens = torch.randint(self.vocab, row.shape, generator=g)
+        corrupted = torch.where(chosen & (action < 0.8), self.mask_id, row)
+        corrupted = torch.where(chosen & (action >= 0.8) & (action < 0.9), random_tokens, corrupted)
+        return corrupted, torch.where(chosen, row, IGNORE)
+
+    def __call__(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pairs = [self._row(row) for row in inputs.detach().long().cpu()]
+        if not pairs:
+            return inputs, torch.full_like(inputs, IGNORE)
+        corrupted, labels = (torch.stack(x).to(inputs.device) for x in zip(*pairs))
+        return corrupted, labels
+
+
+def masked_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Σ −log p(original token) over the masked positions (labels ≠ -100), in float32."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE,
+                           reduction="sum")
+
+
+class MaskedLMObjective:
+    """Masked-LM loss (encoders): Σ NLL of the masked tokens / masked tokens of the global batch."""
+
+    def __init__(self, masker: TokenMasker):
+        self.masker = masker
+
+    def totals(self, inputs: torch.Tensor, labels: torch.Tensor, replay: torch.Tensor) -> dict:
+        return {"masked": int((self.masker(inputs)[1] != IGNORE).sum())}
+
+    def __call__(self, model, inputs, labels, replay, totals: dict) -> torch.Tensor:
+        corrupted, targets = self.masker(inputs)
+        return masked_nll_sum(model(input_ids=corrupted).logits, targets) / max(1, totals["masked"])
 
 
 class StepObserver:

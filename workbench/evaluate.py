@@ -19,7 +19,7 @@ import torch
 
 from .data import (IGNORE, _sentences, encode_documents, encode_labelled, pack, read_examples,
                    read_labelled, read_texts)
-from .engine import next_token_nll_sum
+from .engine import masked_nll_sum, next_token_nll_sum
 from .recipes import EvalSpec
 
 
@@ -127,6 +127,8 @@ def format_report(report: dict, labels: tuple[str, str] = ("base", "adapted")) -
     base, model = report["base"], report["model"]
     rows = [("metric", labels[0], labels[1], "change")]
     for key in ("domain_ppl", "domain_bpb", "general_ppl", "general_bpb"):
+        if key not in base or key not in model:
+            continue
         rel = 100.0 * (model[key] / base[key] - 1.0)
         rows.append((key.replace("_", " "), f"{base[key]:.3f}", f"{model[key]:.3f}", f"{rel:+.1f}%"))
     for key in sorted(k for k in base if k.startswith("acc_") and k in model):
@@ -140,6 +142,41 @@ def format_report(report: dict, labels: tuple[str, str] = ("base", "adapted")) -
     lines.append(f"Domain gain: {report['domain_gain_pct']:+.1f}% (lower domain perplexity is a gain). "
                  f"General forgetting: {report['general_forgetting_pct']:+.1f}% "
                  "(higher general perplexity is forgetting).")
+    return "\n".join(lines)
+
+
+def comparison_report(columns: dict[str, dict], reference: str = "base") -> dict:
+    """Several models side by side: each column's metrics, and its domain gain, general forgetting
+    and accuracy changes against the `reference` column (the definitions of `gain_forgetting`)."""
+    if reference not in columns:
+        raise ValueError(f"reference column {reference!r} is not among {', '.join(columns)}")
+    against = {label: gain_forgetting(columns[reference], metrics) for label, metrics in columns.items()}
+    return {"reference": reference, "columns": columns,
+            "domain_gain_pct": {k: r["domain_gain_pct"] for k, r in against.items()},
+            "general_forgetting_pct": {k: r["general_forgetting_pct"] for k, r in against.items()},
+            "accuracy_change_pts": {k: r["accuracy_change_pts"] for k, r in against.items()}}
+
+
+def format_comparison(report: dict) -> str:
+    """A `comparison_report` as a terminal table, one column per model."""
+    columns, labels = report["columns"], list(report["columns"])
+    rows = [("metric", *labels)]
+    for key in ("domain_ppl", "domain_bpb", "general_ppl", "general_bpb"):
+        if all(key in columns[label] for label in labels):
+            rows.append((key.replace("_", " "), *(f"{columns[label][key]:.3f}" for label in labels)))
+    accuracies = sorted(k for k in columns[report["reference"]] if k.startswith("acc_")
+                        and all(k in columns[label] for label in labels))
+    for key in accuracies:
+        rows.append((key.replace("acc_", "accuracy "), *(f"{100 * columns[label][key]:.1f}%" for label in labels)))
+    rows.append((f"domain gain vs {report['reference']}",
+                 *(f"{report['domain_gain_pct'][label]:+.1f}%" for label in labels)))
+    rows.append((f"general forgetting vs {report['reference']}",
+                 *(f"{report['general_forgetting_pct'][label]:+.1f}%" for label in labels)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(widths[0]) if i == 0 else cell.rjust(widths[i])
+                       for i, cell in enumerate(row)) for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    lines.insert(len(lines) - 2, "-" * len(lines[0]))
     return "\n".join(lines)
 
 
@@ -174,18 +211,66 @@ def classifier_metrics(model, tokenizer, spec: EvalSpec, seq_len: int, world_see
         logits = model(input_ids=x, attention_mask=(x != tokenizer.pad_token_id).long()).logits.float()
         loss += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
         correct += int((logits.argmax(-1) == y).sum())
-    general = _sentences(read_texts(spec.general_text, world_seed, world_size))[:EMBEDDING_SENTENCES]
-    enc = tokenizer(general, truncation=True, max_length=seq_len, padding=True, return_tensors="pt").to(device)
-    embeddings = _pooled(model, enc["input_ids"], enc["attention_mask"]).cpu()
+    embeddings = general_embeddings(model, tokenizer, spec, seq_len, world_seed, world_size)
     model.train(was_training)
     return {"accuracy": correct / len(packed), "loss": loss / len(packed), "n": len(packed)}, embeddings
+
+
+@torch.no_grad()
+def general_embeddings(model, tokenizer, spec: EvalSpec, seq_len: int, world_seed: int = 0,
+                       world_size: str = "default") -> torch.Tensor:
+    """Mean-pooled last hidden states of the first general sentences (how an encoder represents
+    general text; compared base vs adapted by cosine)."""
+    general = _sentences(read_texts(spec.general_text, world_seed, world_size))[:EMBEDDING_SENTENCES]
+    enc = tokenizer(general, truncation=True, max_length=seq_len, padding=True,
+                    return_tensors="pt").to(_device(model))
+    return _pooled(model, enc["input_ids"], enc["attention_mask"]).cpu()
+
+
+@torch.no_grad()
+def masked_text_metrics(model, tokenizer, texts: list[str], seq_len: int, max_tokens: int,
+                        batch_size: int, masker, source: str = "text") -> dict:
+    """Masked-LM perplexity: exp(mean NLL of the masked tokens) on `texts` (first max_tokens
+    tokens), with the masker's deterministic masks."""
+    stream, labels = encode_documents(texts, tokenizer)
+    limit = max(seq_len, max_tokens)
+    packed = pack(stream[:limit], labels[:limit], seq_len, source)
+    device = _device(model)
+    nll, tokens = 0.0, 0
+    for start in range(0, len(packed), batch_size):
+        corrupted, targets = masker(packed.inputs[start:start + batch_size])
+        logits = model(input_ids=corrupted.to(device)).logits
+        nll += float(masked_nll_sum(logits, targets.to(device)))
+        tokens += int((targets != IGNORE).sum())
+    mean = nll / max(1, tokens)
+    return {"ppl": math.exp(mean), "nll": mean, "tokens": tokens}
+
+
+def masked_lm_metrics(model, tokenizer, spec: EvalSpec, seq_len: int, masker, world_seed: int = 0,
+                      world_size: str = "default", embeddings: bool = True) -> tuple[dict, torch.Tensor | None]:
+    """Masked-LM perplexity on held-out domain and general text, plus general-text embeddings."""
+    was_training = model.training
+    model.eval()
+    metrics = {}
+    for kind, source in (("domain", spec.domain_text), ("general", spec.general_text)):
+        m = masked_text_metrics(model, tokenizer, read_texts(source, world_seed, world_size), seq_len,
+                                spec.max_tokens, spec.batch_size, masker, source)
+        metrics.update({f"{kind}_ppl": m["ppl"], f"{kind}_nll": m["nll"]})
+    vectors = general_embeddings(model, tokenizer, spec, seq_len, world_seed, world_size) if embeddings else None
+    model.train(was_training)
+    return metrics, vectors
+
+
+def embedding_cosine(base_embeddings: torch.Tensor, embeddings: torch.Tensor) -> float:
+    """Mean cosine between two sets of sentence embeddings (row by row)."""
+    return float(torch.nn.functional.cosine_similarity(base_embeddings, embeddings, dim=-1).mean())
 
 
 def classifier_report(base: dict, model: dict, base_embeddings: torch.Tensor,
                       embeddings: torch.Tensor) -> dict:
     """Task gain (accuracy points over the base with its untrained head) and general forgetting
     (1 − mean cosine between base and adapted embeddings of general sentences, in percent)."""
-    cosine = float(torch.nn.functional.cosine_similarity(base_embeddings, embeddings, dim=-1).mean())
+    cosine = embedding_cosine(base_embeddings, embeddings)
     return {"base": base, "model": model, "task_gain_pts": 100.0 * (model["accuracy"] - base["accuracy"]),
             "general_embedding_cosine": cosine, "general_forgetting_pct": 100.0 * (1.0 - cosine)}
 

@@ -24,7 +24,7 @@ from .recipes import ModelSpec
 if TYPE_CHECKING:
     from .workspace import Workspace
 
-Task = Literal["causal-lm", "sequence-classification", "feature-extraction"]
+Task = Literal["causal-lm", "masked-lm", "sequence-classification", "feature-extraction"]
 
 # Small Llama-architecture configs: tests, benchmarks and the embedded base.
 BUILTIN_CONFIGS: dict[str, dict] = {
@@ -155,6 +155,17 @@ def check_model_folder(folder: Path, allow_pickle: bool) -> Literal["safetensors
 # Resolving references
 
 
+ENCODER_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "distilbert", "electra", "deberta", "deberta-v2")
+
+
+def is_encoder(folder: Path | None) -> bool:
+    """Whether a model folder holds a bidirectional encoder (read from its config.json)."""
+    if folder is None or not (Path(folder) / "config.json").is_file():
+        return False
+    config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    return config.get("model_type") in ENCODER_MODEL_TYPES
+
+
 def resolve_source(ref: str, workspace: "Workspace | None" = None) -> ModelSource:
     """Turn a model reference into folders to load (see ModelSpec.path for the forms)."""
     if ref == "default":
@@ -260,6 +271,7 @@ def _auto_class(task: Task):
 
     return {
         "causal-lm": transformers.AutoModelForCausalLM,
+        "masked-lm": transformers.AutoModelForMaskedLM,
         "sequence-classification": transformers.AutoModelForSequenceClassification,
         "feature-extraction": transformers.AutoModel,
     }[task]

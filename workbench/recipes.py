@@ -180,7 +180,8 @@ AdapterSpec = Annotated[
 class RegularizerSpec(Strict):
     """Hierarchical layer-wise and element-wise regularization (Song et al. 2025).
 
-    Phase 1 records the path-integral importance Ω on `data` (general text) for `steps` steps, or
+    Phase 1 records the path-integral importance Ω on `data` (general text; for a classification
+    run, an earlier labelled task) for `steps` steps, or
     reuses `importance` (an importance.safetensors file or the `run:<id>` that recorded it);
     phase 2 adds φ·Σ_l c_l Σ_i Ω_i (θ_i − θ*_i)² to the training loss.
     """

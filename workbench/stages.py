@@ -17,11 +17,11 @@ import torch
 from adapters import get_method
 
 from .data import BatchPlan, DataError, pack_source, read_labelled
-from .engine import (ClassificationObjective, make_accelerator, process_state, seed_everything,
-                     train_loop)
-from .evaluate import (classifier_metrics, classifier_report, evaluate_model, format_classifier_report,
-                       format_report, gain_forgetting)
-from .models import ModelLoadError, load_model, max_sequence_length, resolve_source
+from .engine import (ClassificationObjective, TokenMasker, make_accelerator, process_state,
+                     seed_everything, train_loop)
+from .evaluate import (classifier_metrics, classifier_report, embedding_cosine, evaluate_model,
+                       format_classifier_report, format_report, gain_forgetting, masked_lm_metrics)
+from .models import ModelLoadError, is_encoder, load_model, max_sequence_length, resolve_source
 from .recipes import (EvalRecipe, MergeRecipe, ModelSpec, PipelineRecipe,
                       TrainRecipe, TrainSpec, load_recipe, recipe_to_yaml)
 from .workspace import Run, Workspace, write_json
@@ -75,8 +75,8 @@ def run_train(recipe: TrainRecipe, ws: Workspace, run: Run | None = None, resume
     with ws.running(run) if process_state().is_main_process else nullcontext(run):
         seed_everything(recipe.seed)
         accelerator = make_accelerator(recipe.train.precision)
-        task = recipe.task
         data = recipe.data
+        task = _task_of(recipe, ws)
         num_labels = len(read_labelled(data.train, data.world_seed, data.world_size)[2]) \
             if task == "sequence-classification" else None
         model, tokenizer, source = load_model(recipe.model, ws, task=task, num_labels=num_labels)
@@ -89,7 +89,7 @@ def run_train(recipe: TrainRecipe, ws: Workspace, run: Run | None = None, resume
         train_set = pack_source(data.train, tokenizer, data.seq_len, data.format,
                                 data.world_seed, data.world_size)
         replay_set = None
-        if data.replay_ratio > 0 and task == "causal-lm":
+        if data.replay_ratio > 0 and task in ("causal-lm", "masked-lm"):
             replay_set = pack_source(data.replay, tokenizer, data.seq_len, "text",
                                      data.world_seed, data.world_size)
         replay_ratio = data.replay_ratio if replay_set is not None else 0.0
@@ -98,7 +98,10 @@ def run_train(recipe: TrainRecipe, ws: Workspace, run: Run | None = None, resume
         run.log(f"model {source.ref} ({task}); {len(train_set)} training rows of {data.seq_len} tokens; "
                 f"{plan.n_train}+{plan.n_replay} rows per step; {steps} steps")
 
-        evaluator = RunEvaluator(recipe, tokenizer) if recipe.eval is not None else None
+        method = get_method(recipe.adapter.method)
+        masker = TokenMasker(tokenizer, recipe.seed) if task == "masked-lm" else None
+        evaluator = RunEvaluator(recipe, tokenizer, task, masker, getattr(method, "disabled", None)) \
+            if recipe.eval is not None else None
         if evaluator is not None and accelerator.is_main_process:
             evaluator.evaluate_base(model, run, resume)
 
@@ -109,6 +112,8 @@ def run_train(recipe: TrainRecipe, ws: Workspace, run: Run | None = None, resume
                               locate=lambda ref: adapter_folder_of(ref, ws))
         trainable = method.trainable_parameters(model)
         objective = method.objective(recipe.adapter) if hasattr(method, "objective") else None
+        if task == "masked-lm":
+            objective = method.objective(recipe.adapter, masker=masker)
         if task == "sequence-classification":
             if objective is not None:
                 raise DataError(f"adapter.method {recipe.adapter.method} with these settings trains on "
@@ -129,7 +134,9 @@ def run_train(recipe: TrainRecipe, ws: Workspace, run: Run | None = None, resume
             penalty = prepare_regularizer(
                 recipe.train.regularizer, recipe.train, model, trainable, tokenizer, data, run.folder,
                 lambda ref: importance_file_of(ref, ws), accelerator.device,
-                say=lambda message: (run.log(message), say(message)))
+                say=lambda message: (run.log(message), say(message)),
+                objective=objective if task == "sequence-classification" else None,
+                fmt="labelled" if task == "sequence-classification" else "text")
 
         def evaluate_early(step: int) -> dict:
             return evaluator.evaluate_early(accelerator.unwrap_model(model))
@@ -156,19 +163,36 @@ def run_train(recipe: TrainRecipe, ws: Workspace, run: Run | None = None, resume
     return run
 
 
+def _task_of(recipe: TrainRecipe, ws: Workspace) -> str:
+    """The recipe's task; text on an encoder is masked-LM continued pretraining (MixDA stage 1)."""
+    task = recipe.task
+    if task != "causal-lm" or not is_encoder(resolve_source(recipe.model.path, ws).folder):
+        return task
+    adapter = recipe.adapter
+    if adapter.method != "mixda" or adapter.stage != 1:
+        raise DataError(f"model.path '{recipe.model.path}' is an encoder: unlabelled text trains it "
+                        "with the masked-LM loss, which MixDA stage 1 supports (adapter.method: mixda, "
+                        "stage: 1); for other methods use data.format: labelled")
+    return "masked-lm"
+
+
 class RunEvaluator:
     """Base-vs-adapted evaluation of a training run: held-out perplexity, bits per byte and exact
     match for language models; task accuracy and general-text embedding drift for classifiers."""
 
-    def __init__(self, recipe: TrainRecipe, tokenizer):
-        self.recipe, self.tokenizer = recipe, tokenizer
+    def __init__(self, recipe: TrainRecipe, tokenizer, task: str, masker=None, disabled=None):
+        self.recipe, self.tokenizer, self.masker, self.disabled = recipe, tokenizer, masker, disabled
         data = recipe.data
         self.args = (recipe.eval, data.seq_len, data.world_seed, data.world_size)
-        self.classifier = recipe.task == "sequence-classification"
+        self.classifier = task == "sequence-classification"
         self.base = None
         self.base_embeddings = None
 
     def evaluate_base(self, model, run: Run, resume: bool) -> None:
+        if self.masker is not None:  # measured after training: the adapters switched off
+            say("The base is measured after training, with the adapters switched off (a masked-LM "
+                "head the checkpoint lacks trains with them).")
+            return
         if self.classifier:  # the base's embeddings are not logged: recompute on resume
             say("Evaluating the base model ...")
             self.base, self.base_embeddings = classifier_metrics(model, self.tokenizer, *self.args)
@@ -181,13 +205,30 @@ class RunEvaluator:
             run.append_metrics({"step": 0, **{f"eval/{k}": v for k, v in self.base.items()}})
 
     def evaluate_early(self, model) -> dict:
+        if self.masker is not None:
+            spec, seq_len, seed, size = self.args
+            return masked_lm_metrics(model, self.tokenizer, spec, seq_len, self.masker, seed, size,
+                                     embeddings=False)[0]
         if self.classifier:
             return classifier_metrics(model, self.tokenizer, *self.args)[0]
         return evaluate_model(model, self.tokenizer, *self.args, text_only=True)
 
     def report(self, model, run: Run) -> dict:
         """Write report.json, print the table, return what goes into the run summary."""
-        if self.classifier:
+        if self.masker is not None:
+            spec, seq_len, seed, size = self.args
+            with self.disabled(model):
+                self.base, base_vectors = masked_lm_metrics(model, self.tokenizer, spec, seq_len,
+                                                            self.masker, seed, size)
+            adapted, vectors = masked_lm_metrics(model, self.tokenizer, spec, seq_len, self.masker,
+                                                 seed, size)
+            report = gain_forgetting(self.base, adapted)
+            report["general_embedding_cosine"] = embedding_cosine(base_vectors, vectors)
+            text = format_report(report, labels=("adapters off", "adapted")) + (
+                f"\nMasked-LM perplexities. General-text embedding cosine, adapters off vs on: "
+                f"{report['general_embedding_cosine']:.4f}.")
+            headline = {"domain_gain_pct": report["domain_gain_pct"]}
+        elif self.classifier:
             adapted, embeddings = classifier_metrics(model, self.tokenizer, *self.args)
             report = classifier_report(self.base, adapted, self.base_embeddings, embeddings)
             text = format_classifier_report(report)
