@@ -610,9 +610,10 @@ class Stage1Objective:
 @dataclass
 class MixdaTaskVector:
     """MixDA module weights (adapters, gate, head), float32; arithmetic only between vectors with
-    the same tensors (same layers, adapters and shapes)."""
+    the same tensors (same layers, adapters and shapes). Kind "mixda" in `merge.task_vectors`."""
 
     tensors: dict[str, torch.Tensor]
+    kind: ClassVar[str] = "mixda"
 
     @classmethod
     def from_folder(cls, folder: Path) -> "MixdaTaskVector":
@@ -654,3 +655,38 @@ class MixdaTaskVector:
 
     def to_state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.tensors)
+
+    def names(self) -> list[str]:
+        return sorted(self.tensors)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+    def save(self, folder: Path, template: Path, merged_from: list[str] | None = None) -> Path:
+        """Write these module weights as a MixDA folder, atomically: `template`'s mixda_config.json
+        (plus `merged_from` when given), mixda.safetensors in `template`'s dtypes, and `template`'s
+        tokenizer files. A template with a task LoRA is refused (its LoRA is not part of this vector)."""
+        import shutil
+
+        from safetensors import safe_open
+
+        template = Path(template)
+        config = _read_config(template)
+        if config.get("task_lora"):
+            raise MixdaError(f"{template}: has a task LoRA ({LORA_FOLDER}/), which a MixDA task vector "
+                             "does not hold; merge the task LoRA separately")
+        if merged_from is not None:
+            config["merged_from"] = list(merged_from)
+        with safe_open(template / WEIGHTS_FILE, "pt") as f:
+            dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+        torch_dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+        tensors = {k: v.to(torch_dtypes.get(dtypes.get(k), torch.float32)).contiguous()
+                   for k, v in self.tensors.items()}
+        with atomic_folder(Path(folder)) as tmp:
+            save_file(tensors, str(tmp / WEIGHTS_FILE))
+            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+            for path in template.iterdir():
+                if path.is_file() and path.name.startswith(("tokenizer", "special_tokens", "vocab",
+                                                            "added_tokens", "merges", "chat_template")):
+                    shutil.copy2(path, tmp / path.name)
+        return Path(folder)

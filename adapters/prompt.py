@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 import json
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 
 import torch
@@ -33,6 +34,9 @@ from workbench.recipes import PromptSpec
 from .lora import PEFT_TASK_TYPES, save_peft_folder
 
 INIT_FILE = "prompt_init.safetensors"
+PROMPT_KEY = "prompt_embeddings"  # PEFT's key for the soft prompt
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "tokenizer.model", "added_tokens.json")
 MAX_SEARCH = 64  # combinations tried by the λ search at most
 
 
@@ -50,11 +54,16 @@ def initial_prompt(model, num_virtual_tokens: int, seed: int) -> torch.Tensor:
 
 @dataclass
 class TaskPromptVector:
-    """τ = P_tuned − P_init with the P_init it belongs to (and where it came from)."""
+    """τ = P_tuned − P_init with the P_init it belongs to (and where it came from).
+
+    As a task vector (kind "prompt", see `merge.task_vectors`) it holds one tensor,
+    `prompt_embeddings` = τ.
+    """
 
     tau: torch.Tensor
     init: torch.Tensor
     meta: dict
+    kind: ClassVar[str] = "prompt"
 
     @classmethod
     def from_folder(cls, folder: Path) -> "TaskPromptVector":
@@ -87,6 +96,9 @@ class TaskPromptVector:
                                     "arithmetic is only defined for one shared P_init")
 
     def __add__(self, other: "TaskPromptVector") -> "TaskPromptVector":
+        if not isinstance(other, TaskPromptVector):
+            raise PromptVectorError(f"a task prompt vector cannot be combined with "
+                                    f"{type(other).__name__}; only with task prompt vectors of its P_init")
         self.check_compatible(other)
         return TaskPromptVector(self.tau + other.tau, self.init, dict(self.meta))
 
@@ -104,6 +116,42 @@ class TaskPromptVector:
     def prompt(self) -> torch.Tensor:
         """P_init + τ: the prompt this vector stands for."""
         return self.init + self.tau
+
+    def names(self) -> list[str]:
+        return [PROMPT_KEY]
+
+    def tensor(self, name: str) -> torch.Tensor:
+        if name != PROMPT_KEY:
+            raise KeyError(name)
+        return self.tau
+
+    def save(self, folder: Path, template: Path, base_ref: str | None = None) -> Path:
+        """Write P_init + τ as a PEFT prompt-tuning folder, atomically: `template`'s
+        adapter_config.json (its `base_model_name_or_path` set to `base_ref` when given), the prompt
+        in `template`'s dtype, P_init with its metadata in prompt_init.safetensors (so the result is
+        a task prompt vector again), and `template`'s tokenizer files."""
+        import shutil
+
+        from workbench.export import atomic_folder
+
+        template = Path(template)
+        config = json.loads((template / "adapter_config.json").read_text())
+        if base_ref is not None:
+            config["base_model_name_or_path"] = base_ref
+        with safe_open(template / "adapter_model.safetensors", "pt") as f:
+            dtype = f.get_slice(PROMPT_KEY).get_dtype()
+        dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+        torch_dtype = dtypes.get(dtype, torch.float32)
+        meta = {k: v for k, v in self.meta.items() if k != "source"}
+        with atomic_folder(Path(folder)) as tmp:
+            (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+            save_file({PROMPT_KEY: self.prompt().to(torch_dtype).contiguous()},
+                      tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+            save_file({"prompt_init": self.init.contiguous()}, tmp / INIT_FILE, metadata=meta)
+            for name in TOKENIZER_FILES:
+                if (template / name).is_file():
+                    shutil.copy2(template / name, tmp / name)
+        return Path(folder)
 
 
 def combine(vectors: list[TaskPromptVector], weights: list[float]) -> TaskPromptVector:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 
 import torch
@@ -124,15 +125,66 @@ def merge_into_weights(model) -> torch.nn.Module:
 # Task vectors: the rotation parameters
 
 
+def rotation_columns(variant: str, group_size: int, theta: torch.Tensor,
+                     alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c₁, c₂), one entry per output, such that R·x = c₁ ⊙ x + c₂ ⊙ rot(x) (PEFT's layout).
+
+    road_1: the θ, α of a group's first half are shared by its second half (c₁ = α cos θ,
+    c₂ = α sin θ); road_2: one θ, α per output; road_4: cos and sin read separate θ and α.
+    """
+    if variant == "road_1":
+        theta = theta.reshape(-1, group_size // 2).repeat_interleave(2, dim=0).flatten()
+        alpha = alpha.reshape(-1, group_size // 2).repeat_interleave(2, dim=0).flatten()
+        return alpha * theta.cos(), alpha * theta.sin()
+    if variant == "road_2":
+        return alpha * theta.cos(), alpha * theta.sin()
+    if variant == "road_4":
+        theta, alpha = theta.reshape(-1, 2, group_size), alpha.reshape(-1, 2, group_size)
+        return (alpha[:, 0, :] * theta[:, 0, :].cos()).flatten(), \
+            (alpha[:, 1, :] * theta[:, 1, :].sin()).flatten()
+    raise RoadError(f"unknown RoAd variant {variant!r} (road_1, road_2 or road_4)")
+
+
+def rotation_delta(variant: str, group_size: int, theta: torch.Tensor, alpha: torch.Tensor,
+                   x: torch.Tensor) -> torch.Tensor:
+    """(R − I)·x along dim 0 of a weight (out, in) or a bias (out,), in float32.
+
+    Within each group of `group_size` outputs, output i pairs with i + group_size/2:
+    rot(x) = (−x₂, x₁) per group, and (R − I)x = (c₁ − 1) ⊙ x + c₂ ⊙ rot(x).
+    """
+    c1, c2 = rotation_columns(variant, group_size, theta.float(), alpha.float())
+    x = x.float()
+    if x.shape[0] != c1.shape[0]:
+        raise RoadError(f"a rotation of {c1.shape[0]} outputs cannot act on a tensor of shape "
+                        f"{tuple(x.shape)}")
+    halves = x.reshape(-1, 2, group_size // 2, *x.shape[1:])
+    rotated = torch.stack((-halves[:, 1], halves[:, 0]), dim=1).reshape(x.shape)
+    view = (-1,) + (1,) * (x.dim() - 1)
+    return (c1 - 1).view(view) * x + c2.view(view) * rotated
+
+
+def weight_name(layer_key: str) -> str:
+    """`base_model.model.model.layers.0.mlp.up_proj` → `model.layers.0.mlp.up_proj` (the module)."""
+    return layer_key.removeprefix("base_model.model.")
+
+
 @dataclass
 class RoadTaskVector:
-    """A RoAd adapter as its parameters: per adapted layer, angles θ and scales α (float32)."""
+    """A RoAd adapter as its parameters: per adapted layer, angles θ and scales α (float32).
+
+    As a task vector (kind "road", see `merge.task_vectors`) it lives in the log-polar coordinates
+    (θ, log α) of each 2-D block α·R(θ): zero at init, and the sum of two vectors is their
+    composition (angles add, scales multiply; exact for road_1). Scaling by w gives the rotation by
+    w·θ with scale α^w (w = −1: the inverse rotation), which needs α > 0 unless w = 1. Tensors are
+    named `<layer>.road_theta` and `<layer>.road_log_alpha`.
+    """
 
     variant: str
     group_size: int
     theta: dict[str, torch.Tensor]
     alpha: dict[str, torch.Tensor]
     config: dict
+    kind: ClassVar[str] = "road"
 
     @classmethod
     def from_peft_folder(cls, folder: Path) -> "RoadTaskVector":
@@ -144,6 +196,9 @@ class RoadTaskVector:
         theta, alpha = {}, {}
         for key, value in tensors.items():
             layer, _, param = key.rpartition(".")
+            if param not in ("road_theta", "road_alpha"):
+                raise RoadError(f"{folder}: tensor {key} is not a RoAd rotation parameter (a trained "
+                                "module beside the rotations), so the adapter is not a rotation only")
             (theta if param == "road_theta" else alpha)[layer] = value.float()
         return cls(config["variant"], config["group_size"], theta, alpha, config)
 
@@ -157,6 +212,86 @@ class RoadTaskVector:
         theta = {k: self.theta[k] + other.theta[k] for k in self.theta}
         alpha = {k: self.alpha[k] * other.alpha[k] for k in self.alpha}
         return RoadTaskVector(self.variant, self.group_size, theta, alpha, dict(self.config))
+
+    # The task-vector interface (merge.task_vectors)
+
+    def names(self) -> list[str]:
+        return sorted([f"{k}.road_theta" for k in self.theta] + [f"{k}.road_log_alpha" for k in self.alpha])
+
+    def tensor(self, name: str) -> torch.Tensor:
+        layer, _, part = name.rpartition(".")
+        if part == "road_theta":
+            return self.theta[layer]
+        if part != "road_log_alpha" or layer not in self.alpha:
+            raise KeyError(name)
+        alpha = self.alpha[layer]
+        if (alpha <= 0).any():
+            raise RoadError(f"tensor {layer}.road_alpha: {int((alpha <= 0).sum())} scale(s) ≤ 0; the "
+                            "log-polar coordinates of a RoAd vector need positive scales")
+        return alpha.log()
+
+    def __add__(self, other: "RoadTaskVector") -> "RoadTaskVector":
+        if not isinstance(other, RoadTaskVector):
+            from merge.task_vectors import _check_same_space
+
+            _check_same_space(self, other)
+        return self.compose(other)
+
+    def __mul__(self, weight: float) -> "RoadTaskVector":
+        """Rotation by w·θ with scale α^w (road_1 only; α > 0 unless w = 1)."""
+        from merge.task_vectors import _check_weight
+
+        weight = _check_weight(weight)
+        if self.variant != "road_1":
+            raise RoadError(f"scaling a RoAd vector needs road_1 (got {self.variant}): only road_1 "
+                            "blocks are rotations, whose angles and scales can be scaled")
+        if weight == 1.0:
+            return RoadTaskVector(self.variant, self.group_size, dict(self.theta), dict(self.alpha),
+                                  dict(self.config))
+        for layer, alpha in self.alpha.items():
+            if (alpha <= 0).any():
+                raise RoadError(f"tensor {layer}.road_alpha: {int((alpha <= 0).sum())} scale(s) ≤ 0, "
+                                f"so α^{weight:g} is undefined; only weight 1 (plain composition) "
+                                "works for this adapter")
+        theta = {k: weight * v for k, v in self.theta.items()}
+        alpha = {k: v.pow(weight) for k, v in self.alpha.items()}
+        return RoadTaskVector(self.variant, self.group_size, theta, alpha, dict(self.config))
+
+    __rmul__ = __mul__
+
+    def __neg__(self) -> "RoadTaskVector":
+        return self * -1.0
+
+    def __sub__(self, other: "RoadTaskVector") -> "RoadTaskVector":
+        return self + (-other)
+
+    def dense_delta(self, layer: str, tensor: torch.Tensor) -> torch.Tensor:
+        """(R − I)·W (or (R − I)·b) of one adapted layer, in float32."""
+        return rotation_delta(self.variant, self.group_size, self.theta[layer], self.alpha[layer],
+                              tensor)
+
+    def to_dense(self, base_folder: Path):
+        """The dense task vector in weight space: (R − I)·W for every adapted weight and (R − I)·b
+        for its bias, read from the base's safetensors (a `merge.task_vectors.DenseTaskVector`)."""
+        from safetensors import safe_open
+
+        from merge.streaming import model_layout
+        from merge.task_vectors import DenseTaskVector
+
+        layout = model_layout(Path(base_folder))
+        deltas = {}
+        for layer in sorted(self.theta):
+            module = weight_name(layer)
+            for suffix in (".weight", ".bias"):
+                name = module + suffix
+                if name not in layout:
+                    if suffix == ".weight":
+                        raise RoadError(f"tensor {name}: adapted by the RoAd adapter but not in "
+                                        f"the base {base_folder}")
+                    continue
+                with safe_open(layout[name][0], framework="pt") as f:
+                    deltas[name] = self.dense_delta(layer, f.get_tensor(name))
+        return DenseTaskVector(deltas)
 
     def save(self, folder: Path, base_ref: str | None = None) -> None:
         """Write as a PEFT RoAd folder (loadable by `PeftModel.from_pretrained`)."""

@@ -1,14 +1,30 @@
-"""Pre-flight checks of merge inputs against the base, from configs and tokenizer files only.
+"""Pre-flight checks of merge inputs against the base, from config files and safetensors headers.
 
-Merged models must share one tokenizer: the same vocabulary (token → id) and the same added
-tokens, and the same `vocab_size` in their configs. Tensor names and shapes are checked from the
-safetensors headers by `merge.dense` and `merge.streaming` before any weight is read.
+Nothing here reads a model weight: what is checked comes from `config.json`, `adapter_config.json`,
+`mixda_config.json`, `tokenizer.json` and the JSON headers of the safetensors files (plus the few
+bytes of a prompt's metadata). A mismatch raises ValueError (FileNotFoundError for a missing file)
+naming the file and the tensor or key.
+
+- `input_kind(folder)`: "full", "lora", "road", "prompt" or "mixda", from the folder's config file.
+- `plan_merge(kinds, variants, method, output)`: which merge the inputs make together, or why
+  they cannot be merged (a task prompt vector with a LoRA adapter, ...).
+- `check_architectures(base, folders)`: the models the inputs were trained on have the base's
+  architecture (model_type, architectures and the sizes in config.json).
+- `check_input_tensors(base_layout, base, kind, folder)`: every tensor an input touches exists in
+  the base with the shape the input expects.
+- `check_same_tokenizer(base, inputs)`: merged models share one tokenizer: the same vocabulary
+  (token → id), the same added tokens and the same `vocab_size`.
+- `check_merge_inputs(...)`: all of the above, in that order; returns the kinds and the plan.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+from workbench.models import read_safetensors_header
+
+from .task_vectors import KIND_NAMES
 
 
 def _tokenizer_identity(folder: Path) -> tuple | None:
@@ -39,3 +55,286 @@ def check_same_tokenizer(base_folder: Path, inputs: list[Path]) -> None:
         if base_tokenizer is not None and tokenizer is not None and tokenizer != base_tokenizer:
             raise ValueError(f"{folder / 'tokenizer.json'}: a different tokenizer from the base's "
                              f"({base_folder / 'tokenizer.json'}); merged models must share one")
+
+
+# ----------------------------------------------------------------------------------------------
+# Kinds and what they make together
+
+MERGEABLE_PEFT_TYPES = {"LORA": "lora", "ROAD": "road", "PROMPT_TUNING": "prompt"}
+ARCHITECTURE_KEYS = ("model_type", "architectures", "hidden_size", "intermediate_size",
+                     "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+                     "vocab_size", "tie_word_embeddings")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: unreadable ({type(err).__name__}: {err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    return data
+
+
+def input_kind(folder: Path) -> str:
+    """What a merge input folder holds, from its config files only."""
+    folder = Path(folder)
+    if (folder / "mixda_config.json").is_file():
+        return "mixda"
+    config_path = folder / "adapter_config.json"
+    if config_path.is_file():
+        peft_type = _read_json(config_path).get("peft_type")
+        if peft_type not in MERGEABLE_PEFT_TYPES:
+            raise ValueError(f"{config_path}: a {peft_type} adapter cannot be merged (mergeable: "
+                             "LoRA, RoAd, prompt tuning saved with its initial prompt, MixDA)")
+        return MERGEABLE_PEFT_TYPES[peft_type]
+    if (folder / "config.json").is_file():
+        return "full"
+    raise FileNotFoundError(f"{folder}: neither a model folder (config.json) nor an adapter "
+                            "folder (adapter_config.json, mixda_config.json)")
+
+
+def road_variant(folder: Path) -> tuple[str, int]:
+    """(variant, group_size) of a RoAd adapter folder."""
+    config = _read_json(Path(folder) / "adapter_config.json")
+    return config.get("variant"), config.get("group_size")
+
+
+def plan_merge(kinds: list[str], variants: list, method: str, output: str) -> str:
+    """The merge the inputs make: "lora" (factored, exact), "road" (composed rotations), "prompt",
+    "mixda", or "dense" (every input as a dense delta per tensor). `variants[i]` is (variant,
+    group_size) for a RoAd input, else None.
+
+    - Task prompt vectors merge only with task prompt vectors (output: a prompt-tuning adapter),
+      MixDA folders only with MixDA folders (output: a MixDA folder).
+    - Task arithmetic over LoRA adapters only stays factored; over road_1 adapters of one group
+      size only, it composes the rotations. Anything else (other methods, mixed kinds, road_2 and
+      road_4) goes through dense deltas: (R − I)·W for RoAd, s·B·A for LoRA, θ − θ_base for models.
+    - `output: adapter` with RoAd inputs needs the "road" plan. Which LoRA merges can be written as
+      an adapter is the caller's rule (`merge_folders`: task arithmetic only).
+    """
+    for special in ("prompt", "mixda"):
+        if special in kinds:
+            first = kinds.index(special)
+            for i, kind in enumerate(kinds):
+                if kind != special:
+                    raise ValueError(
+                        f"inputs.{first} is {KIND_NAMES[special]} and inputs.{i} is {KIND_NAMES[kind]}: "
+                        f"they cannot be combined ({KIND_NAMES[special]} merges only with others of "
+                        "its kind" + (", sharing one P_init" if special == "prompt" else
+                                      ", adapting the same layers") + ")")
+            if output != "adapter":
+                what = "a prompt-tuning adapter" if special == "prompt" else "a MixDA folder"
+                raise ValueError(f"{KIND_NAMES[special]}s merge into {what}, not into the model's "
+                                 "weights; set output: adapter")
+            return special
+    if method == "task_arithmetic" and set(kinds) == {"lora"}:
+        return "lora"
+    if method == "task_arithmetic" and set(kinds) == {"road"} and \
+            all(v[0] == "road_1" for v in variants) and len({v[1] for v in variants}) == 1:
+        return "road"
+    if output == "adapter" and "road" in kinds:
+        raise ValueError(
+            "output: adapter with RoAd inputs needs method: task_arithmetic over road_1 RoAd "
+            "adapters of one group size only (their rotations compose into one adapter); got "
+            f"method {method} over {', '.join(sorted(set(KIND_NAMES[k] for k in kinds)))}"
+            + (" (road_2/road_4 or different group sizes)" if set(kinds) == {"road"} else "")
+            + "; use output: model to merge them as dense deltas")
+    return "dense"
+
+
+def plan_of(folders: list, method: str, output: str) -> str:
+    """`plan_merge` for input folders (their kinds and RoAd variants read from their configs)."""
+    folders = [Path(f) for f in folders]
+    kinds = [input_kind(f) for f in folders]
+    variants = [road_variant(f) if k == "road" else None for k, f in zip(kinds, folders)]
+    return plan_merge(kinds, variants, method, output)
+
+
+# ----------------------------------------------------------------------------------------------
+# Architecture and tensors
+
+
+def check_architectures(base_folder: Path, folders: list) -> None:
+    """Refuse a model (or the base an adapter was trained on) whose config.json differs from the
+    base's in architecture or size, naming the file and the key."""
+    base_folder = Path(base_folder)
+    base_path = base_folder / "config.json"
+    if not base_path.is_file():
+        return
+    base = _read_json(base_path)
+    for folder in folders:
+        if folder is None or not (Path(folder) / "config.json").is_file() or \
+                Path(folder).resolve() == base_folder.resolve():
+            continue
+        path = Path(folder) / "config.json"
+        config = _read_json(path)
+        for key in ARCHITECTURE_KEYS:
+            if key in base and key in config and base[key] != config[key]:
+                raise ValueError(f"{path}: {key} {config[key]!r}, but the base {base_path} has "
+                                 f"{base[key]!r}; inputs must come from a model of the base's "
+                                 "architecture (adapters trained on a different base?)")
+
+
+def _header(path: Path) -> dict:
+    """A safetensors header without its metadata; FileNotFoundError naming the file if absent."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    return {k: v for k, v in read_safetensors_header(path).items() if k != "__metadata__"}
+
+
+def _base_shape(base_layout: dict, name: str, folder: Path, what: str) -> list[int]:
+    if name not in base_layout:
+        raise ValueError(f"tensor {name}: {what} {folder} but not in the base model")
+    return base_layout[name][2]
+
+
+def check_input_tensors(base_layout: dict, base_folder: Path, kind: str, folder: Path) -> None:
+    """Every tensor `folder` touches exists in the base (`model_layout`) with a fitting shape."""
+    from .streaming import _check_adapter_format, model_layout
+
+    folder = Path(folder)
+    if kind == "full":
+        layout = model_layout(folder)
+        for name, (_, dtype, shape, _) in base_layout.items():
+            if name not in layout:
+                raise ValueError(f"tensor {name}: in the base but not in {folder}")
+            if layout[name][2] != shape:
+                raise ValueError(f"tensor {name}: shape {tuple(layout[name][2])} in {folder} "
+                                 f"but {tuple(shape)} in the base")
+        extra = sorted(set(layout) - set(base_layout))
+        if extra:
+            raise ValueError(f"tensor {extra[0]}: in {folder} but not in the base")
+    elif kind == "lora":
+        _check_adapter_format(folder)
+        header = _header(folder / "adapter_model.safetensors")
+        for key, entry in header.items():
+            if ".lora_A." not in key:
+                continue
+            b_key = key.replace(".lora_A.", ".lora_B.")
+            if b_key not in header:
+                raise ValueError(f"{folder}: {key} has no matching lora_B tensor")
+            (r, n_in), (n_out, r_b) = entry["shape"], header[b_key]["shape"]
+            name = key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
+            shape = _base_shape(base_layout, name, folder, "adapted by")
+            if r != r_b or shape != [n_out, n_in]:
+                raise ValueError(f"tensor {name}: shape {tuple(shape)} in the base but the adapter "
+                                 f"{folder} updates shape {(n_out, n_in)} (rank {r}/{r_b})")
+    elif kind == "road":
+        variant, group_size = road_variant(folder)
+        per_out = {"road_1": 0.5, "road_2": 1, "road_4": 2}
+        if variant not in per_out or not isinstance(group_size, int) or group_size < 2 or group_size % 2:
+            raise ValueError(f"{folder / 'adapter_config.json'}: variant {variant!r} with group_size "
+                             f"{group_size!r} is not a RoAd configuration")
+        header = _header(folder / "adapter_model.safetensors")
+        for key, entry in header.items():
+            layer, _, part = key.rpartition(".")
+            if part not in ("road_theta", "road_alpha"):
+                raise ValueError(f"{folder}: tensor {key} is not a RoAd rotation parameter; only "
+                                 "rotations can be merged")
+            name = layer.removeprefix("base_model.model.") + ".weight"
+            shape = _base_shape(base_layout, name, folder, "rotated by")
+            if shape[0] % group_size or entry["shape"] != [int(shape[0] * per_out[variant])]:
+                raise ValueError(f"tensor {name}: {shape[0]} outputs in the base, but {key} in "
+                                 f"{folder} has shape {tuple(entry['shape'])} ({variant}, "
+                                 f"group_size {group_size})")
+    elif kind == "prompt":
+        from adapters.prompt import INIT_FILE, PROMPT_KEY
+
+        tuned = _header(folder / "adapter_model.safetensors")
+        if not (folder / INIT_FILE).is_file():
+            raise ValueError(f"{folder}: no {INIT_FILE}; not a task prompt vector (a PEFT "
+                             "prompt-tuning folder alone does not keep its initial prompt)")
+        init = _header(folder / INIT_FILE)
+        if PROMPT_KEY not in tuned or "prompt_init" not in init:
+            raise ValueError(f"{folder}: adapter_model.safetensors needs {PROMPT_KEY} and "
+                             f"{INIT_FILE} needs prompt_init")
+        if tuned[PROMPT_KEY]["shape"] != init["prompt_init"]["shape"]:
+            raise ValueError(f"{folder}: tensor {PROMPT_KEY} has shape {tuple(tuned[PROMPT_KEY]['shape'])} "
+                             f"but prompt_init {tuple(init['prompt_init']['shape'])}")
+        hidden = _base_hidden_size(base_folder)
+        if hidden is not None and tuned[PROMPT_KEY]["shape"][1] != hidden:
+            raise ValueError(f"{folder}: tensor {PROMPT_KEY} has width {tuned[PROMPT_KEY]['shape'][1]}, "
+                             f"but the base's hidden_size is {hidden}")
+    elif kind == "mixda":
+        config = _read_json(folder / "mixda_config.json")
+        base_path = Path(base_folder) / "config.json"
+        base = _read_json(base_path) if base_path.is_file() else {}
+        for key in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers"):
+            if key in base and config.get(key) != base[key]:
+                raise ValueError(f"{folder / 'mixda_config.json'}: {key} {config.get(key)!r}, but "
+                                 f"the base {base_path} has {base[key]!r}")
+        _header(folder / "mixda.safetensors")
+
+
+def _base_hidden_size(base_folder: Path) -> int | None:
+    path = Path(base_folder) / "config.json"
+    return _read_json(path).get("hidden_size") if path.is_file() else None
+
+
+def check_same_kind_inputs(kind: str, folders: list[Path]) -> None:
+    """Task prompt vectors: one P_init (model fingerprint, init seed, length, from the metadata);
+    MixDA folders: the same layers, adapters, sizes, stage and task, and the same tensors."""
+    folders = [Path(f) for f in folders]
+    if kind == "prompt" and folders:
+        from adapters.prompt import INIT_FILE
+
+        metas = [read_safetensors_header(f / INIT_FILE).get("__metadata__", {}) for f in folders]
+        shapes = [_header(f / INIT_FILE)["prompt_init"]["shape"] for f in folders]
+        for folder, meta, shape in zip(folders[1:], metas[1:], shapes[1:]):
+            for key in ("model", "init_seed"):
+                if meta.get(key) != metas[0].get(key):
+                    raise ValueError(f"{folder / INIT_FILE}: {key} {meta.get(key)!r}, but "
+                                     f"{folders[0] / INIT_FILE} has {metas[0].get(key)!r}; task prompt "
+                                     "vectors add only when they share one P_init")
+            if shape != shapes[0]:
+                raise ValueError(f"{folder / INIT_FILE}: prompt_init of shape {tuple(shape)}, but "
+                                 f"{folders[0] / INIT_FILE} has {tuple(shapes[0])}")
+    if kind == "mixda" and folders:
+        configs = [_read_json(f / "mixda_config.json") for f in folders]
+        headers = [_header(f / "mixda.safetensors") for f in folders]
+        for folder, config in zip(folders, configs):
+            if config.get("task_lora"):
+                raise ValueError(f"{folder}: a MixDA folder with a task LoRA (task_lora/); merge "
+                                 "its task LoRA separately, MixDA merges hold module weights only")
+        for folder, config, header in zip(folders[1:], configs[1:], headers[1:]):
+            for key in ("layers", "adapters", "bottleneck", "stage", "task", "model_type",
+                        "hidden_size", "intermediate_size"):
+                a, b = config.get(key), configs[0].get(key)
+                if key == "layers":
+                    a, b = sorted(a or []), sorted(b or [])
+                if a != b:
+                    raise ValueError(f"{folder / 'mixda_config.json'}: {key} {a!r}, but "
+                                     f"{folders[0] / 'mixda_config.json'} has {b!r}; MixDA folders "
+                                     "merge only with folders of the same layers and adapters")
+            for name in sorted(set(header) | set(headers[0])):
+                if name not in header or name not in headers[0]:
+                    where = folder if name not in header else folders[0]
+                    raise ValueError(f"tensor {name}: missing from {where / 'mixda.safetensors'}")
+                if header[name]["shape"] != headers[0][name]["shape"]:
+                    raise ValueError(f"tensor {name}: shape {tuple(header[name]['shape'])} in "
+                                     f"{folder} but {tuple(headers[0][name]['shape'])} in {folders[0]}")
+
+
+def check_merge_inputs(base_folder: Path, inputs: list[Path], trained_on: list, method: str,
+                       output: str) -> tuple[list[str], str]:
+    """Every pre-flight check of a merge; returns (kind of each input, plan).
+
+    `inputs` are the input folders (adapter or model), `trained_on` the model folder each was
+    trained on where known (for an adapter its base, for a model itself, or None).
+    """
+    from .streaming import model_layout
+
+    base_folder = Path(base_folder)
+    inputs = [Path(f) for f in inputs]
+    kinds = [input_kind(f) for f in inputs]
+    variants = [road_variant(f) if k == "road" else None for k, f in zip(kinds, inputs)]
+    plan = plan_merge(kinds, variants, method, output)
+    check_architectures(base_folder, [f for k, f in zip(kinds, inputs) if k == "full"] + list(trained_on))
+    layout = model_layout(base_folder)
+    for kind, folder in zip(kinds, inputs):
+        check_input_tensors(layout, base_folder, kind, folder)
+    if plan in ("prompt", "mixda"):
+        check_same_kind_inputs(plan, inputs)
+    check_same_tokenizer(base_folder, inputs)
+    return kinds, plan

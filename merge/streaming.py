@@ -26,9 +26,10 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from contextlib import ExitStack
+import struct
+import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -83,6 +84,21 @@ def merge_lora_into_base(base_folder: Path, adapters: list[tuple[Path, float]], 
     return out_folder
 
 
+def merged_tensors(base_folder: Path, adapters: list[tuple[Path, float]],
+                   extra_deltas: ExtraDeltas | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every tensor `merge_lora_into_base` would write, in storage order, with
+    the same checks and the same arithmetic, without writing anything (to evaluate a merge in
+    memory). One merged tensor is alive at a time unless the caller keeps them."""
+    layout = model_layout(Path(base_folder))
+    updates = _load_adapters(adapters, layout)
+    read = ShardReader(layout)
+    try:
+        for name in layout:
+            yield name, _merged_tensor(name, read(name), updates.get(name, ()), extra_deltas)
+    finally:
+        read.close()
+
+
 # ----------------------------------------------------------------------------------------------
 # Pre-flight
 
@@ -92,9 +108,18 @@ def model_layout(folder: Path) -> dict[str, tuple[Path, str, list[int], int]]:
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: base model folder not found")
     index_path = folder / INDEX_NAME
+    weight_map = None
     if index_path.is_file():
-        weight_map = json.loads(index_path.read_text())["weight_map"]
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"{index_path}: unreadable shard index ({type(err).__name__}: {err})") from None
         shard_files = sorted({folder / f for f in weight_map.values()})
+        missing = [f.name for f in shard_files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{folder}: shard {missing[0]} is listed in {INDEX_NAME} but "
+                                    f"missing from the folder ({len(missing)} missing: "
+                                    f"{', '.join(missing[:3])})")
     else:
         shard_files = sorted(folder.glob("*.safetensors"))
     if not shard_files:
@@ -110,7 +135,67 @@ def model_layout(folder: Path) -> dict[str, tuple[Path, str, list[int], int]]:
                                  f"({layout[name][0].name} and {shard.name})")
             start, end = entry["data_offsets"]
             layout[name] = (shard, entry["dtype"], list(entry["shape"]), end - start)
+    if weight_map is not None:
+        for name, file_name in weight_map.items():
+            if name not in layout or layout[name][0].name != file_name:
+                raise ValueError(f"tensor {name}: {INDEX_NAME} in {folder} places it in {file_name}, "
+                                 f"but that shard's header does not hold it")
     return layout
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                      "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+                      "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class ShardReader:
+    """Tensors of one model by name (`model_layout`), each read with one positioned read into its
+    own buffer.
+
+    Not memory-mapped on purpose: the pages of a mapped safetensors file count towards the
+    process's resident memory for as long as the file stays mapped, so a merge streaming several
+    models would hold their shards resident; here only the tensors still alive do. One file is
+    open at a time (reads follow storage order). Dtypes torch has no plain equivalent for (FP8,
+    ...) fall back to safetensors' own reader.
+    """
+
+    def __init__(self, layout: dict):
+        self.layout = layout
+        self._starts: dict[Path, int] = {}  # shard → where its data buffer begins
+        self._offsets: dict[Path, dict] = {}
+        self._path: Path | None = None
+        self._file = None
+
+    def _open(self, path: Path):
+        if path != self._path:
+            self.close()
+            self._file, self._path = open(path, "rb"), path
+            if path not in self._offsets:
+                with open(path, "rb") as f:
+                    (n,) = struct.unpack("<Q", f.read(8))
+                header = read_safetensors_header(path)
+                self._starts[path] = 8 + n
+                self._offsets[path] = {k: v["data_offsets"][0] for k, v in header.items()
+                                       if k != "__metadata__"}
+        return self._file
+
+    def __call__(self, name: str) -> torch.Tensor:
+        path, dtype, shape, nbytes = self.layout[name]
+        if dtype not in SAFETENSORS_DTYPES or sys.byteorder != "little":
+            with safe_open(path, framework="pt") as f:
+                return f.get_tensor(name)
+        f = self._open(path)
+        raw = torch.empty(nbytes, dtype=torch.uint8)
+        if nbytes:
+            f.seek(self._starts[path] + self._offsets[path][name])
+            if f.readinto(memoryview(raw.numpy())) != nbytes:
+                raise OSError(f"{path}: tensor {name} is truncated")
+        return raw.view(SAFETENSORS_DTYPES[dtype]).reshape(shape)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        self._path = self._file = None
 
 
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
@@ -136,7 +221,7 @@ def _load_adapters(adapters: list[tuple[Path, float]],
             if dtype not in FLOAT_DTYPES:
                 raise ValueError(f"tensor {name}: base dtype {dtype} cannot take a LoRA update")
             for part, t in (("lora_B", b), ("lora_A", a)):
-                if not torch.isfinite(t).all():
+                if not all_finite(t):
                     raise ValueError(f"tensor {name}: {part} in {folder} holds NaN or inf")
             if not math.isfinite(weight * scale):
                 raise ValueError(f"tensor {name}: non-finite weight·scale for {folder}")
@@ -187,29 +272,50 @@ def _write_shards(layout: dict, shards: list[list[str]], updates: dict,
                   extra_deltas: ExtraDeltas | None, folder: Path) -> dict[str, str]:
     n = len(shards)
     weight_map: dict[str, str] = {}
-    with ExitStack() as stack:
-        handles: dict[Path, object] = {}
+    read = ShardReader(layout)
+    try:
         for k, names in enumerate(shards, start=1):
             file_name = SINGLE_NAME if n == 1 else f"model-{k:05d}-of-{n:05d}.safetensors"
             tensors = {}
             for name in names:
-                shard_path = layout[name][0]
-                if shard_path not in handles:
-                    handles[shard_path] = stack.enter_context(
-                        safe_open(shard_path, framework="pt"))
-                tensors[name] = _merged_tensor(name, handles[shard_path].get_tensor(name),
-                                               updates.get(name, ()), extra_deltas)
+                tensors[name] = _merged_tensor(name, read(name), updates.get(name, ()), extra_deltas)
                 weight_map[name] = file_name
-            save_file(tensors, folder / file_name, metadata={"format": "pt"})
+            try:
+                save_file(tensors, folder / file_name, metadata={"format": "pt"})
+            except OSError as err:  # disk full, quota, I/O error: say which file, then clean up
+                raise OSError(err.errno, f"writing {file_name} (shard {k} of {n}) failed: "
+                              f"{err.strerror or err}; the export stopped and its partial folder "
+                              "is removed, the target was not created", str(folder / file_name)) from err
             del tensors
+    finally:
+        read.close()
     return weight_map
 
 
+def all_finite(t: torch.Tensor, limit: float = math.inf) -> bool:
+    """No NaN or inf in `t` (and |t| ≤ `limit`): one min/max pass (NaN propagates through it),
+    several times faster on the CPU than torch.isfinite."""
+    if t.numel() == 0 or not t.is_floating_point():
+        return True
+    low, high = torch.aminmax(t)
+    return bool(-limit <= float(low) and float(high) <= limit) and \
+        math.isfinite(float(low)) and math.isfinite(float(high))
+
+
 def _merged_tensor(name: str, base: torch.Tensor, factors, extra_deltas) -> torch.Tensor:
-    delta = None
+    """base + Σ c·(B @ A) + extra in float32, cast back to the base's dtype.
+
+    In place where the operand is the merge's own (the same operations, so the same bits, with
+    fewer full-size temporaries): the factor products always, and the extra delta when
+    `extra_deltas.fresh` is true (it hands over a new tensor per call, as `merge.dense`'s do).
+    """
+    delta, owned = None, False
     for b, a, coefficient in factors:
-        term = coefficient * (b @ a)
-        delta = term if delta is None else delta + term
+        term = (b @ a).mul_(coefficient)
+        if delta is None:
+            delta, owned = term, True
+        else:
+            delta.add_(term)
     if extra_deltas is not None:
         extra = extra_deltas(name)
         if extra is not None:
@@ -219,10 +325,20 @@ def _merged_tensor(name: str, base: torch.Tensor, factors, extra_deltas) -> torc
             if not base.is_floating_point():
                 raise ValueError(f"tensor {name}: base dtype {base.dtype} cannot take a delta")
             extra = extra.float()
-            delta = extra if delta is None else delta + extra
+            if delta is None:
+                delta, owned = extra, bool(getattr(extra_deltas, "fresh", False))
+            else:
+                delta.add_(extra)
     if delta is None:
         return base.contiguous()
-    return (base.float() + delta).to(base.dtype).contiguous()
+    merged = delta.add_(base) if owned else torch.add(delta, base)  # = base + delta, bit for bit
+    if not all_finite(merged, torch.finfo(base.dtype).max):
+        source = ("the base tensor" if not all_finite(base) else
+                  "the merged delta" if not all_finite(merged) else
+                  f"values beyond the range of {base.dtype}")
+        raise ValueError(f"tensor {name}: NaN or inf in the merged result (from {source}); "
+                         "nothing is written")
+    return merged.to(base.dtype).contiguous()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,6 +359,18 @@ def lora_concat_adapter(adapters: list[tuple[Path, float]], out_folder: Path,
     out_folder = Path(out_folder)
     if out_folder.exists():
         raise FileExistsError(f"{out_folder}: output folder already exists")
+    stacked, total_rank, template = stacked_lora_factors(adapters)
+    return write_lora_adapter(stacked, total_rank, out_folder, template, base_model)
+
+
+def stacked_lora_factors(adapters: list[tuple[Path, float]]
+                         ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], int, Path]:
+    """Per adapted weight, (B, A) = ([w_1 s_1 B_1 | …], [A_1; …]) in float32, so B·A = Σ w_i s_i B_i A_i.
+
+    Returns the stacked factors, their rank Σ r_i and the first adapter's folder. Each adapter is
+    checked (format, finite factors, one rank for all its weights, the same shapes as the others)
+    before anything is stacked.
+    """
     if not adapters:
         raise ValueError("no adapters to concatenate")
     vectors = []
@@ -260,7 +388,7 @@ def lora_concat_adapter(adapters: list[tuple[Path, float]], out_folder: Path,
         vectors.append((folder, float(weight), vector, ranks.pop()))
     names = sorted(set().union(*(v.factors for _, _, v, _ in vectors)))
     total_rank = sum(r for *_, r in vectors)
-    tensors = {}
+    stacked = {}
     for name in names:
         shape = None
         for folder, _, vector, _ in vectors:
@@ -279,16 +407,32 @@ def lora_concat_adapter(adapters: list[tuple[Path, float]], out_folder: Path,
             else:
                 a_blocks.append(torch.zeros(r, shape[1]))
                 b_blocks.append(torch.zeros(shape[0], r))
-        key = "base_model.model." + name.removesuffix(".weight")
-        tensors[f"{key}.lora_A.weight"] = torch.cat(a_blocks, dim=0).contiguous()
-        tensors[f"{key}.lora_B.weight"] = torch.cat(b_blocks, dim=1).contiguous()
+        stacked[name] = (torch.cat(b_blocks, dim=1), torch.cat(a_blocks, dim=0))
+    return stacked, total_rank, vectors[0][0]
 
-    config = json.loads((vectors[0][0] / "adapter_config.json").read_text())
-    config.update(r=total_rank, lora_alpha=total_rank, use_rslora=False, rank_pattern={},
-                  alpha_pattern={}, target_modules=[n.removesuffix(".weight") for n in names])
+
+def write_lora_adapter(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], rank: int,
+                       out_folder: Path, template: Path, base_model: str | None = None,
+                       extra_files: dict[str, str] | None = None) -> Path:
+    """Write weight name → (B, A) as a PEFT LoRA folder of rank `rank` and scale 1, atomically.
+
+    The config is `template`'s adapter_config.json with r = lora_alpha = rank, no rsLoRA, no
+    per-module patterns and the adapted modules as target_modules. `extra_files` (file name →
+    text) are written into the folder as well.
+    """
+    tensors = {}
+    for name, (b, a) in factors.items():
+        key = "base_model.model." + name.removesuffix(".weight")
+        tensors[f"{key}.lora_A.weight"] = a.contiguous()
+        tensors[f"{key}.lora_B.weight"] = b.contiguous()
+    config = json.loads((Path(template) / "adapter_config.json").read_text())
+    config.update(r=rank, lora_alpha=rank, use_rslora=False, rank_pattern={}, alpha_pattern={},
+                  target_modules=[n.removesuffix(".weight") for n in factors])
     if base_model is not None:
         config["base_model_name_or_path"] = base_model
-    with atomic_folder(out_folder) as tmp:
+    with atomic_folder(Path(out_folder)) as tmp:
         save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return out_folder
+        for file_name, text in (extra_files or {}).items():
+            (tmp / file_name).write_text(text)
+    return Path(out_folder)

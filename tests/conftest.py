@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -57,3 +58,35 @@ def workspace(base_workspace, tmp_path) -> Workspace:
     base = base_workspace.latest("pretrain", DEFAULT_BASE_NAME)
     (ws.runs_dir / base.id).symlink_to(base.folder, target_is_directory=True)
     return ws
+
+
+def folder_tensors(folder) -> dict:
+    """Every tensor of a model or adapter folder, read shard by shard with plain safetensors (an
+    independent reader for checking what our exports wrote)."""
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for shard in sorted(Path(folder).glob("*.safetensors")):
+        tensors.update(load_file(shard))
+    return tensors
+
+
+def random_lora_adapter(folder, r: int, alpha: int, seed: int, use_rslora: bool = False,
+                        vocab_size: int = 64, **overrides):
+    """A PEFT LoRA folder on a fresh llama-tiny (all linear layers) with B ~ N(0, 0.2²) instead of
+    PEFT's zeros, so that its update s·B·A is not zero."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from workbench.models import build_model_from_config
+
+    model = build_model_from_config("llama-tiny", vocab_size=vocab_size, **overrides)
+    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules="all-linear",
+                                                  use_rslora=use_rslora, lora_dropout=0.0))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
+    peft_model.save_pretrained(folder, safe_serialization=True)
+    return folder

@@ -13,24 +13,11 @@ from safetensors.torch import load_file, save_file
 
 from merge.streaming import merge_lora_into_base
 from workbench.models import build_model_from_config
+from conftest import folder_tensors, random_lora_adapter
 
 VOCAB = 64
 INPUT_IDS = torch.tensor([[1, 5, 9, 13, 2, 40, 63, 7]])
 
-
-def _make_adapter(folder: Path, r: int, alpha: int, use_rslora: bool, seed: int, **overrides):
-    from peft import LoraConfig, get_peft_model
-
-    model = build_model_from_config("llama-tiny", vocab_size=VOCAB, **overrides)
-    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules="all-linear",
-                                                  use_rslora=use_rslora, lora_dropout=0.0))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:  # zero at init: make the update non-zero
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
-    peft_model.save_pretrained(folder, safe_serialization=True)
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +26,8 @@ def setup(tmp_path_factory):
     base = root / "base"
     build_model_from_config("llama-tiny", vocab_size=VOCAB).save_pretrained(
         base, safe_serialization=True)
-    first = _make_adapter(root / "first", r=2, alpha=4, use_rslora=False, seed=1)
-    second = _make_adapter(root / "second", r=4, alpha=8, use_rslora=True, seed=2)
+    first = random_lora_adapter(root / "first", r=2, alpha=4, use_rslora=False, seed=1)
+    second = random_lora_adapter(root / "second", r=4, alpha=8, use_rslora=True, seed=2)
     return root, base, first, second
 
 
@@ -73,18 +60,12 @@ def _logits(folder_or_model) -> torch.Tensor:
         return model(INPUT_IDS).logits
 
 
-def _all_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        tensors.update(load_file(shard))
-    return tensors
-
 
 def test_merged_weights_match_hand_computation(setup):
     root, base, first, second = setup
     adapters = [(first, 0.7), (second, -0.3)]
     out = merge_lora_into_base(base, adapters, root / "merged_weights")
-    merged, original = _all_tensors(out), load_file(base / "model.safetensors")
+    merged, original = folder_tensors(out), load_file(base / "model.safetensors")
     updates = _hand_updates(adapters)
     assert set(merged) == set(original)
     assert len(updates) == 14  # 7 linear layers × 2 decoder layers
@@ -139,7 +120,7 @@ def test_sharded_output_has_index_and_same_logits(setup):
                                         for k in range(1, len(shards) + 1)]
     assert all(s.stat().st_size <= max_bytes + 4096 for s in shards)  # data ≤ limit, plus header
     index = json.loads((sharded / "model.safetensors.index.json").read_text())
-    tensors = _all_tensors(sharded)
+    tensors = folder_tensors(sharded)
     assert set(index["weight_map"]) == set(tensors) == set(load_file(single / "model.safetensors"))
     for name, file_name in index["weight_map"].items():
         assert name in load_file(sharded / file_name)
@@ -201,7 +182,7 @@ def test_extra_deltas_are_added(setup):
 
 def test_shape_mismatch_is_refused_before_writing(setup):
     root, base, first, _ = setup
-    wide = _make_adapter(root / "wide", r=2, alpha=4, use_rslora=False, seed=3,
+    wide = random_lora_adapter(root / "wide", r=2, alpha=4, use_rslora=False, seed=3,
                          hidden_size=48, intermediate_size=96)
     with pytest.raises(ValueError) as excinfo:
         merge_lora_into_base(base, [(first, 1.0), (wide, 1.0)], root / "merged_wide")

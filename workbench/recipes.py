@@ -7,12 +7,13 @@ name. Unknown keys are errors; every error names the file, the key, the value an
 from __future__ import annotations
 
 import difflib
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, ValidationError,
-                      model_validator)
+                      field_validator, model_validator)
 
 
 class RecipeError(ValueError):
@@ -322,16 +323,66 @@ class MergeInput(Strict):
 
     path: str
     weight: float = 1.0
+    role: Literal["domain", "instruct"] | None = Field(
+        None, description="method instruction_vector: which input is the domain model (or adapter) "
+        "and which the instruction-tuned one.")
+
+
+class MergeSearch(Strict):
+    """Sweep the merge on validation sets and keep the domain-gain vs general-forgetting Pareto front.
+
+    Either `weights` (one row per point, one weight per input) or `parameter` (a number the method
+    takes: scale λ, alpha α, density, p) with its `values`. Each point is merged in memory and
+    evaluated on `validation` against the base; search.json, search.md and pareto.png go into the
+    run folder and the chosen point becomes the run's output. `choose: max_gain` takes the largest
+    domain gain among the points with general forgetting ≤ max_forgetting_pct (none within: the
+    least forgetting); `knee` takes the knee of the front. `validation` defaults to the held-out
+    sets at a smaller budget; point it at your own validation files to keep the final report free
+    of the selection.
+    """
+
+    weights: list[list[float]] | None = None
+    parameter: str | None = None
+    values: list[float] = Field(default_factory=list)
+    choose: Literal["max_gain", "knee"] = "max_gain"
+    max_forgetting_pct: float = Field(5.0, description="The bound of choose: max_gain, in percent.")
+    validation: EvalSpec = Field(default_factory=lambda: EvalSpec(max_tokens=4096, max_questions=20))
+
+    @model_validator(mode="after")
+    def _one_sweep(self) -> "MergeSearch":
+        if (self.weights is None) == (self.parameter is None):
+            raise ValueError("search: give either weights (one row per point) or parameter and values")
+        if self.parameter is not None and not self.values:
+            raise ValueError(f"search.values: no values to try for parameter {self.parameter!r}")
+        if self.weights is not None and not self.weights:
+            raise ValueError("search.weights: no points to try")
+        if self.weights is not None and self.values:
+            raise ValueError("search.values goes with search.parameter, not with search.weights")
+        numbers = [w for row in self.weights or [] for w in row] + list(self.values)
+        if not all(math.isfinite(v) for v in numbers) or not math.isfinite(self.max_forgetting_pct):
+            raise ValueError("search: weights, values and max_forgetting_pct must be finite numbers")
+        return self
 
 
 class MergeRecipe(Strict):
     """Merge task vectors into a base: θ = θ_base + merge(τ_1..τ_n; w_1..w_n).
 
-    Inputs are LoRA adapters (τ = s·B·A) or full models (τ = θ_i − θ_base). `method` is one of
-    `merge.methods` with its `parameters` (e.g. density for TIES, p for DARE). Task arithmetic over
-    LoRA adapters alone stays factored and exact: Σ w_i·s_i·B_i·A_i. `output: model` streams the
-    result into a sharded Hugging Face folder; `output: adapter` (LoRA task arithmetic only) writes
-    one PEFT adapter of rank Σ r_i with exactly the same update.
+    Inputs are LoRA adapters (τ = s·B·A), RoAd adapters ((R − I)·W as a dense delta, or composed
+    rotations when road_1 adapters are merged by task arithmetic), full models (τ = θ_i − θ_base),
+    task prompt vectors (with others sharing their P_init) or MixDA folders (with others of the
+    same layers). `method` is one of `merge.methods` with its `parameters` (e.g. density for TIES,
+    p for DARE). Task arithmetic over LoRA adapters alone stays factored and exact:
+    Σ w_i·s_i·B_i·A_i. `output: model` streams the result into a sharded Hugging Face folder;
+    `output: adapter` writes one adapter of the inputs' kind (prompt vectors and MixDA only merge
+    this way); for LoRA inputs (task arithmetic or instruction_vector) one PEFT adapter of rank
+    Σ r_i with exactly the same update, or,
+    with `rank` below Σ r_i, the best rank-`rank` approximation of it (truncated SVD; the relative
+    error per tensor and overall goes into the summary).
+
+    `method: instruction_vector` (Hirano & Imajo 2024): θ = θ_domain + α(θ_inst − θ_base), with two
+    inputs marked `role: domain` and `role: instruct` (full models or LoRA adapters of one base)
+    and `parameters: {alpha: α}` (default 1). Its evaluation puts base, instruct, domain and
+    merged side by side. `search` sweeps weights or a parameter first (see MergeSearch).
     """
 
     kind: Literal["merge"] = "merge"
@@ -340,23 +391,168 @@ class MergeRecipe(Strict):
     base: ModelSpec | None = Field(
         None, description="Merge onto this model; by default the inputs' own (shared) base.")
     inputs: list[MergeInput] = Field(min_length=1)
-    method: Literal["task_arithmetic", "ties", "dare", "dare_ties"] = "task_arithmetic"
+    method: Literal["task_arithmetic", "ties", "dare", "dare_ties", "instruction_vector"] = "task_arithmetic"
     parameters: dict[str, float | str] = Field(default_factory=dict)
     output: Literal["model", "adapter"] = "model"
+    rank: int | None = Field(
+        None, ge=1, description="output: adapter: truncate the merged update to this rank by SVD.")
     max_shard_mb: int = Field(2048, ge=1)
     world: WorldSpec = Field(default_factory=WorldSpec)
     seq_len: int = Field(128, ge=8)
     eval: EvalSpec | None = None
+    search: MergeSearch | None = None
 
     @model_validator(mode="after")
     def _known_parameters(self) -> "MergeRecipe":
-        from merge.methods import check_parameters
+        from merge.instruction_vector import METHOD, ROLES, check_merge_parameters
 
-        check_parameters(self.method, self.parameters)
+        check_merge_parameters(self.method, self.parameters)
+        roles = [item.role for item in self.inputs]
+        if self.method == METHOD:
+            if sorted(r for r in roles if r) != sorted(ROLES) or len(roles) != 2:
+                raise ValueError("method instruction_vector needs two inputs, one with role: domain "
+                                 f"and one with role: instruct (got roles {roles})")
+            if any(item.weight != 1.0 for item in self.inputs):
+                raise ValueError("method instruction_vector: leave the inputs' weights at 1 and set "
+                                 "parameters.alpha, the factor on the instruction vector")
+        elif any(roles):
+            raise ValueError(f"inputs.role is for method instruction_vector, not {self.method}")
+        if self.rank is not None and self.output != "adapter":
+            raise ValueError("rank (SVD truncation) needs output: adapter")
+        if self.search is not None:
+            self._check_search(self.search)
+        return self
+
+    def _check_search(self, search: MergeSearch) -> None:
+        from merge.instruction_vector import METHOD, check_merge_parameters
+
+        if search.weights is not None:
+            if self.method == METHOD:
+                raise ValueError("search.weights: instruction_vector has no input weights; "
+                                 "search parameter alpha instead")
+            for k, row in enumerate(search.weights):
+                if len(row) != len(self.inputs):
+                    raise ValueError(f"search.weights.{k}: {len(row)} weights for "
+                                     f"{len(self.inputs)} inputs")
+            return
+        defaults = check_merge_parameters(self.method, self.parameters)
+        if search.parameter not in defaults or isinstance(defaults[search.parameter], str):
+            numeric = [k for k, v in defaults.items() if not isinstance(v, str)]
+            raise ValueError(f"search.parameter: {self.method} has no numeric parameter "
+                             f"{search.parameter!r}; it has {', '.join(numeric)}")
+        for value in search.values:
+            check_merge_parameters(self.method, {**self.parameters, search.parameter: value})
+
+
+class MergekitRecipe(Strict):
+    """Run a mergekit merge as a stage: any of mergekit's methods (slerp, della, model_stock, ...).
+
+    `config` is a mergekit YAML, inline or the path of a YAML file (read when the recipe loads, so
+    the run keeps its content). It is checked by mergekit's own schema plus the keys and parameter
+    names mergekit would silently ignore. Model references in it may be `run:<id>` (a LoRA run
+    stands for mergekit's `base+lora`), `stage:<name>` in a pipeline, `default`, a folder (relative
+    to the workspace first), a hub id, or `model+lora`. The merged model goes to the run's `model/`
+    folder, the config as run (local folders) to `mergekit.yaml`. With `eval`, the result is
+    evaluated against `base_model` (else the first model). `seed` seeds mergekit's random methods.
+    """
+
+    kind: Literal["mergekit"] = "mergekit"
+    name: str = "mergekit"
+    seed: int = 0
+    config: dict[str, Any]
+    world: WorldSpec = Field(default_factory=WorldSpec)
+    seq_len: int = Field(128, ge=8)
+    eval: EvalSpec | None = None
+
+    @field_validator("config", mode="before")
+    @classmethod
+    def _read_file(cls, value: Any) -> Any:
+        from merge.mergekit_bridge import read_mergekit_config
+
+        return read_mergekit_config(value) if isinstance(value, (str, Path)) else value
+
+    @field_validator("config")
+    @classmethod
+    def _valid_for_mergekit(cls, value: dict) -> dict:
+        from merge.mergekit_bridge import MergekitConfigError, check_mergekit_config
+
+        try:
+            check_mergekit_config(value)
+        except MergekitConfigError as err:
+            raise ValueError(str(err).replace("\n", "; ")) from None
+        return value
+
+
+class WeightQuantSection(Strict):
+    """The weight grid (see `quant.rtn`): Ŵ = s·(q − z), q ∈ [0, 2ᵇ − 1], one (s, z) per group."""
+
+    bits: int = Field(4, ge=2, le=8)
+    symmetric: bool = Field(
+        True, description="z = 2ᵇ⁻¹ (compressed-tensors' W4A16). Asymmetric per-channel or group "
+        "grids export in the format compressed-tensors writes, but the installed transformers + "
+        "compressed-tensors cannot load those folders back (see quant/export.py).")
+    granularity: Literal["tensor", "channel", "group"] = "channel"
+    group_size: int = Field(128, ge=1, description="Inputs per group (granularity: group).")
+    clipping: Literal["minmax", "search"] = "minmax"
+
+
+class FlexRoundSection(Strict):
+    """Reconstruction settings: a preset (`reference`: the official Llama-2 W4A16 recipe; `fast`:
+    CPU), any field set here replacing the preset's value."""
+
+    preset: Literal["reference", "fast"] = "fast"
+    iterations: int | None = Field(None, ge=1, description="Adam steps per block.")
+    samples: int | None = Field(None, ge=1, description="Calibration rows.")
+    seq_len: int | None = Field(None, ge=8, description="Tokens per calibration row.")
+    batch_size: int | None = Field(None, ge=1, description="Rows per step.")
+    lr: float | None = Field(None, gt=0, le=1.0)
+
+
+class QuantizeRecipe(Strict):
+    """Quantize a model's block linear layers: round-to-nearest and FlexRound, compared with the
+    full-precision model (and NF4 through bitsandbytes where it runs) in one report; the chosen
+    `method` is exported as a compressed-tensors pack-quantized folder and/or a dequantized one.
+
+    `layers`: `all-linear` (every linear layer inside the decoder blocks / encoder layers) or names
+    matched by suffix (`q_proj`, `mlp.down_proj`). Embeddings and the output head stay in full
+    precision. `calibration`: any text source (`world:<split>`, .txt, .jsonl).
+    """
+
+    kind: Literal["quantize"] = "quantize"
+    name: str = "quantize"
+    seed: int = 0
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    method: Literal["flexround", "rtn"] = "flexround"
+    weights: WeightQuantSection = Field(default_factory=WeightQuantSection)
+    layers: Union[Literal["all-linear"], list[str]] = "all-linear"
+    flexround: FlexRoundSection = Field(default_factory=FlexRoundSection)
+    calibration: str = "world:general_train"
+    world: WorldSpec = Field(default_factory=WorldSpec)
+    export: list[Literal["compressed-tensors", "dequantized"]] = Field(
+        default_factory=lambda: ["compressed-tensors", "dequantized"])
+    max_shard_mb: int = Field(2048, ge=1)
+    nf4_baseline: bool = Field(True, description="Add bitsandbytes NF4 (no calibration) to the report.")
+    seq_len: int = Field(128, ge=8, description="Evaluation sequence length.")
+    eval: EvalSpec | None = Field(default_factory=EvalSpec)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "QuantizeRecipe":
+        from quant.flexround import resolve_config
+        from quant.rtn import QuantError
+
+        if "compressed-tensors" in self.export and self.weights.bits not in (4, 8):
+            raise ValueError(f"export: compressed-tensors packs 4 or 8 bits, not weights.bits="
+                             f"{self.weights.bits}; export only `dequantized` for other widths")
+        if self.method == "flexround":
+            try:
+                resolve_config(**self.flexround.model_dump())
+            except QuantError as err:
+                raise ValueError(str(err)) from None
         return self
 
 
-StageRecipe = Annotated[Union[PretrainRecipe, TrainRecipe, EvalRecipe, MergeRecipe],
+StageRecipe = Annotated[Union[PretrainRecipe, TrainRecipe, EvalRecipe, MergeRecipe, MergekitRecipe,
+                              QuantizeRecipe],
                         Field(discriminator="kind")]
 
 
@@ -377,11 +573,12 @@ class PipelineRecipe(Strict):
 
 
 Recipe = Annotated[
-    Union[PretrainRecipe, TrainRecipe, EvalRecipe, MergeRecipe, PipelineRecipe],
+    Union[PretrainRecipe, TrainRecipe, EvalRecipe, MergeRecipe, MergekitRecipe, QuantizeRecipe,
+          PipelineRecipe],
     Field(discriminator="kind"),
 ]
 _RECIPE = TypeAdapter(Recipe)
-KINDS = ("pretrain", "train", "eval", "merge", "pipeline")
+KINDS = ("pretrain", "train", "eval", "merge", "mergekit", "quantize", "pipeline")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -431,7 +628,7 @@ def _resolve_loc(loc: tuple) -> tuple[list, type[BaseModel] | None]:
 
 _RECIPE_MODELS = {
     "pretrain": PretrainRecipe, "train": TrainRecipe, "eval": EvalRecipe, "merge": MergeRecipe,
-    "pipeline": PipelineRecipe,
+    "mergekit": MergekitRecipe, "quantize": QuantizeRecipe, "pipeline": PipelineRecipe,
 }
 
 

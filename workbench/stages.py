@@ -22,9 +22,9 @@ from .engine import (ClassificationObjective, TokenMasker, make_accelerator, pro
 from .evaluate import (classifier_metrics, classifier_report, embedding_cosine, evaluate_model,
                        format_classifier_report, format_report, gain_forgetting, masked_lm_metrics)
 from .models import ModelLoadError, is_encoder, load_model, max_sequence_length, resolve_source
-from .recipes import (EvalRecipe, MergeRecipe, ModelSpec, PipelineRecipe,
+from .recipes import (EvalRecipe, MergekitRecipe, MergeRecipe, ModelSpec, PipelineRecipe,
                       TrainRecipe, TrainSpec, load_recipe, recipe_to_yaml)
-from .workspace import Run, Workspace, write_json
+from .workspace import Run, Workspace, write_atomic, write_json
 
 
 def broadcast_from_main(value):
@@ -105,7 +105,6 @@ def run_train(recipe: TrainRecipe, ws: Workspace, run: Run | None = None, resume
         if evaluator is not None and accelerator.is_main_process:
             evaluator.evaluate_base(model, run, resume)
 
-        method = get_method(recipe.adapter.method)
         torch.manual_seed(recipe.seed)
         model = method.attach(model, recipe.adapter, task=task,
                               gradient_checkpointing=recipe.train.gradient_checkpointing,
@@ -323,53 +322,138 @@ def run_eval(recipe: EvalRecipe, ws: Workspace, run: Run | None = None, resume: 
 
 def run_merge(recipe: MergeRecipe, ws: Workspace, run: Run | None = None, resume: bool = False) -> Run:
     """Merge adapters and models into a base, streamed into a model folder (or one adapter)."""
-    from merge.preflight import check_same_tokenizer
+    from merge.instruction_vector import METHOD as INSTRUCTION_VECTOR
+    from merge.instruction_vector import check_merge_parameters
+    from merge.preflight import check_same_tokenizer, input_kind, plan_of
 
     sources = [resolve_source(item.path, ws) for item in recipe.inputs]
     base = _merge_base(recipe, sources, ws)
-    check_same_tokenizer(base.folder, [s.adapter or s.folder for s in sources])
-    exact_lora = recipe.method == "task_arithmetic" and all(s.adapter for s in sources)
-    if recipe.output == "adapter" and not exact_lora:
-        raise ValueError("output: adapter needs method: task_arithmetic over LoRA adapters only")
+    folders = [s.adapter or s.folder for s in sources]
+    check_same_tokenizer(base.folder, folders)
+    kinds = [input_kind(f) for f in folders]
+    if recipe.output == "adapter":
+        lora_only = set(kinds) == {"lora"}
+        plan = plan_of(folders, recipe.method, "adapter")  # refuses RoAd merges that do not compose
+        if plan == "dense" and not (lora_only and recipe.method == INSTRUCTION_VECTOR):
+            raise ValueError(
+                f"output: adapter needs one adapter kind merged into one adapter: LoRA adapters by "
+                f"task_arithmetic or instruction_vector, road_1 RoAd adapters by task_arithmetic, or "
+                f"task prompt vectors / MixDA folders by any method; got method {recipe.method} over "
+                f"{', '.join(sorted(set(kinds)))} inputs (use output: model)")
+    if recipe.rank is not None and set(kinds) != {"lora"}:
+        raise ValueError(f"rank (SVD truncation) applies to LoRA adapters only; the inputs are "
+                         f"{', '.join(sorted(set(kinds)))}")
+    if recipe.rank is not None and recipe.rank > _lora_rank_sum(sources):
+        raise ValueError(f"rank: {recipe.rank} is above Σ r_i = {_lora_rank_sum(sources)} of the inputs; "
+                         "leave rank unset for the exact adapter")
+    if recipe.search is not None:
+        _check_searchable(recipe, sources)
     if run is None:
         refs = [item.path for item in recipe.inputs] + [base.ref]
         run = ws.create_run("merge", recipe.name, recipe_to_yaml(recipe), recipe.seed,
                             parents=_parents(*refs))
     with ws.running(run):
         output = run.path(recipe.output)
+        weights = [item.weight for item in recipe.inputs]
+        params = check_merge_parameters(recipe.method, recipe.parameters)
+        search = _merge_search(recipe, sources, base, ws, run) if recipe.search is not None else None
+        if search is not None:
+            chosen = search.points[search.chosen]
+            weights, params = chosen.weights, chosen.parameters
         if not output.exists():  # a resumed merge keeps an output it already finished
-            _write_merge(recipe, sources, base, output, exact_lora)
+            _write_merge(recipe, sources, base, output, weights, params)
+        from merge.mergekit_bridge import write_mergekit_yaml  # mergekit.yaml where mergekit has an equivalent
+        write_mergekit_yaml(recipe, sources, base, run, weights, params)
         outputs = {"model": "model"} if recipe.output == "model" else {"adapter": "adapter",
                                                                        "base": base.ref}
-        summary: dict = {"inputs": [[s.ref, i.weight] for i, s in zip(recipe.inputs, sources)],
-                         "base": base.ref, "method": recipe.method}
+        summary: dict = {"inputs": [[s.ref, w] for w, s in zip(weights, sources)],
+                         "base": base.ref, "method": recipe.method,
+                         "parameters": check_merge_parameters(recipe.method, params)}
+        if search is not None:
+            summary["search"] = {"chosen": chosen.label, "rule": search.rule, "reason": search.reason,
+                                 "front": [search.points[i].label for i in search.front],
+                                 "points": len(search.points), "domain_gain_pct": chosen.domain_gain_pct,
+                                 "general_forgetting_pct": chosen.general_forgetting_pct,
+                                 "files": ["search.json", "search.md", "pareto.png"]}
+        summary.update(_truncation_summary(recipe, output))
         if len(sources) > 1:
             summary["task_vector_cosine"] = _task_vector_cosines(sources, base)
             say("Cosine between the inputs' task vectors: " + "; ".join(
                 f"{i}·{j} = {row[j]:+.4f}" for i, row in enumerate(summary["task_vector_cosine"])
                 for j in range(i + 1, len(row))))
+            if recipe.method == INSTRUCTION_VECTOR:
+                d, i = (_role_index(recipe, role) for role in ("domain", "instruct"))
+                summary["instruction_vector_cosine"] = summary["task_vector_cosine"][d][i]
+                say(f"Cosine between the domain vector and the instruction vector: "
+                    f"{summary['instruction_vector_cosine']:+.4f} (the method assumes they are "
+                    "nearly orthogonal)")
         if recipe.eval is not None:
-            merged, tokenizer, _ = load_model(ModelSpec(path=str(output)), ws)
-            args = (recipe.seq_len, recipe.world.seed, recipe.world.size)
-            merged_metrics = evaluate_model(merged, tokenizer, recipe.eval, *args)
-            del merged
-            base_model, base_tok, _ = load_model(ModelSpec(path=base.ref), ws)
-            report = gain_forgetting(evaluate_model(base_model, base_tok, recipe.eval, *args),
-                                     merged_metrics)
-            write_json(run.path("report.json"), report)
-            summary.update(domain_gain_pct=report["domain_gain_pct"],
-                           general_forgetting_pct=report["general_forgetting_pct"],
-                           merged=merged_metrics)
-            say(format_report(report, labels=("base", "merged")))
+            summary.update(_evaluate_merge(recipe, sources, base, output, ws, run, params))
         write_json(run.path("summary.json"), summary)
         run.finish(summary, outputs=outputs)
     return run
 
 
+def _evaluate_merge(recipe: MergeRecipe, sources, base, output: Path, ws: Workspace, run: Run,
+                    params: dict) -> dict:
+    """Base vs merged on the held-out sets (report.json, terminal table); for an instruction-vector
+    merge also base, instruct, domain and merged side by side. Returns the summary's additions."""
+    from merge.instruction_vector import METHOD as INSTRUCTION_VECTOR
+
+    from .evaluate import comparison_report, format_comparison
+
+    args = (recipe.seq_len, recipe.world.seed, recipe.world.size)
+
+    def metrics_of(ref: str) -> dict:
+        model, tokenizer, _ = load_model(ModelSpec(path=ref), ws)
+        return evaluate_model(model, tokenizer, recipe.eval, *args)
+
+    merged_metrics = metrics_of(str(output))
+    base_metrics = metrics_of(base.ref)
+    report = gain_forgetting(base_metrics, merged_metrics)
+    added = dict(domain_gain_pct=report["domain_gain_pct"],
+                 general_forgetting_pct=report["general_forgetting_pct"], merged=merged_metrics)
+    if recipe.method != INSTRUCTION_VECTOR:
+        write_json(run.path("report.json"), report)
+        say(format_report(report, labels=("base", "merged")))
+        return added
+    domain, instruct = (sources[_role_index(recipe, role)] for role in ("domain", "instruct"))
+    columns = {"base": base_metrics, "instruct": metrics_of(instruct.ref),
+               "domain": metrics_of(domain.ref), "merged": merged_metrics}
+    side_by_side = comparison_report(columns, reference="base")
+    write_json(run.path("report.json"), {**report, "side_by_side": side_by_side})
+    say(format_comparison(side_by_side))
+    gains = side_by_side["domain_gain_pct"]
+    verdict = (f"Instruction vector (alpha {float(params.get('alpha', 1.0)):g}): domain gain "
+               f"{gains['merged']:+.1f}% merged vs {gains['domain']:+.1f}% domain model")
+    if all("acc_general_qa_eval" in m for m in columns.values()):
+        qa = {k: 100 * m["acc_general_qa_eval"] for k, m in columns.items()}
+        verdict += (f"; instruction-format QA (general_qa_eval) {qa['merged']:.1f}% merged vs "
+                    f"{qa['instruct']:.1f}% instruct and {qa['base']:.1f}% base")
+    say(verdict + ".")
+    added["side_by_side"] = side_by_side
+    return added
+
+
 def _merge_base(recipe: MergeRecipe, sources, ws: Workspace):
-    """The model to merge onto: `base:` if given, else the base all inputs share."""
-    if recipe.base is not None:
-        return resolve_source(recipe.base.path, ws)
+    """The model to merge onto: `base:` if given, else the base all inputs share; the inputs are
+    checked against it before any run starts (`merge.preflight.check_merge_inputs`: kinds that can
+    be combined, architectures, tensor names and shapes from configs and safetensors headers)."""
+    from merge.preflight import check_merge_inputs
+
+    base = resolve_source(recipe.base.path, ws) if recipe.base is not None else \
+        _shared_base(recipe, sources, ws)
+    if base.folder is not None:
+        kinds, _ = check_merge_inputs(base.folder, [s.adapter or s.folder for s in sources],
+                                      [s.folder for s in sources], recipe.method, recipe.output)
+        if getattr(recipe, "search", None) is not None and {"prompt", "mixda"} & set(kinds):
+            raise ValueError("search: sweeps merges of model weights; task prompt vectors and "
+                             "MixDA folders merge outside the model's weights")
+    return base
+
+
+def _shared_base(recipe: MergeRecipe, sources, ws: Workspace):
+    """The base all inputs share (their adapters' base, or a model run's recorded base)."""
     bases = []
     for i, (item, source) in enumerate(zip(recipe.inputs, sources)):
         outputs = ws.get(item.path).info.get("outputs", {}) if item.path.startswith("run:") else {}
@@ -380,7 +464,7 @@ def _merge_base(recipe: MergeRecipe, sources, ws: Workspace):
         else:
             raise ValueError(f"inputs.{i}.path '{item.path}' is a model whose base is unknown; "
                              "set `base:` to the model it was fine-tuned from")
-    folders = sorted({str(b.folder) for b in bases})
+    folders = sorted({str(Path(b.folder).resolve()) for b in bases})  # a symlinked run is the same base
     if len(folders) > 1:
         raise ModelLoadError(f"the inputs come from different bases ({', '.join(folders)}); "
                              "set `base:` to merge onto one of them")
@@ -401,34 +485,202 @@ def _task_vector_cosines(sources, base) -> list[list[float]]:
 
 
 def _delta_readers(sources, layout: dict, stack) -> list:
-    """One dense task-vector reader per input: s·B·A for adapters, θ − θ_base for models."""
-    from merge.dense import FullModelDelta, LoraDelta
+    """One task-vector reader per input, by its kind (`merge.dense.delta_readers`): s·B·A for LoRA,
+    (R − I)·W for RoAd, θ − θ_base for models; task prompt vectors and MixDA folders as themselves."""
+    from merge.dense import delta_readers
 
-    return [LoraDelta(s.adapter, layout) if s.adapter else FullModelDelta(s.folder, layout, stack)
-            for s in sources]
+    return delta_readers([s.adapter or s.folder for s in sources], layout, stack)
 
 
-def _write_merge(recipe: MergeRecipe, sources, base, output: Path, exact_lora: bool) -> None:
+def _write_merge(recipe: MergeRecipe, sources, base, output: Path, weights: list[float],
+                 params: dict) -> None:
+    """Stream the merge into a model folder, or write the exact (or SVD-truncated) LoRA adapter."""
     from contextlib import ExitStack
 
-    from merge.dense import merged_deltas
-    from merge.streaming import lora_concat_adapter, merge_lora_into_base, model_layout
+    from merge.dense import merge_folders
+    from merge.methods import METHODS
+    from merge.preflight import plan_of
+    from merge.streaming import lora_concat_adapter
+    from merge.svd import svd_truncated_adapter
 
-    weights = [item.weight for item in recipe.inputs]
-    shard = recipe.max_shard_mb * 2**20
-    if exact_lora:
-        scale = float(recipe.parameters.get("scale", 1.0))
-        pairs = [(s.adapter, w * scale) for s, w in zip(sources, weights)]
-        if recipe.output == "adapter":
-            lora_concat_adapter(pairs, output, base_model=str(base.folder))
-        else:
-            merge_lora_into_base(base.folder, pairs, output, max_shard_bytes=shard)
+    folders = [s.adapter or s.folder for s in sources]
+    if recipe.method in METHODS and plan_of(folders, recipe.method, recipe.output) in ("road", "prompt", "mixda"):
+        # composed RoAd rotations, task prompt vectors, MixDA module weights: their own spaces
+        merge_folders(base.folder, list(zip(folders, weights)), output, method=recipe.method,
+                      parameters=params, seed=recipe.seed, output=recipe.output,
+                      max_shard_bytes=recipe.max_shard_mb * 2**20,
+                      trained_on=[s.folder for s in sources], base_ref=str(base.folder))
         return
-    layout = model_layout(base.folder)
     with ExitStack() as stack:
-        readers = _delta_readers(sources, layout, stack)
-        deltas = merged_deltas(readers, weights, recipe.method, recipe.seed, recipe.parameters)
-        merge_lora_into_base(base.folder, [], output, max_shard_bytes=shard, extra_deltas=deltas)
+        plan = _merge_plan(recipe, sources, base, weights, params, stack)
+        if recipe.output == "model":
+            plan.write(output, max_shard_bytes=recipe.max_shard_mb * 2**20)
+            return
+        if plan.extra is not None or Path(plan.anchor) != Path(base.folder):
+            raise ValueError("output: adapter needs LoRA adapters only")
+        if recipe.rank is not None and recipe.rank < _lora_rank_sum(sources):
+            svd_truncated_adapter(plan.adapters, output, recipe.rank, base_model=str(base.folder))
+        else:
+            lora_concat_adapter(plan.adapters, output, base_model=str(base.folder))
+
+
+def _merge_plan(recipe: MergeRecipe, sources, base, weights: list[float], params: dict, stack):
+    """The merge as a `merge.plan.MergePlan` for these weights and parameters: the exact factored
+    LoRA sum for task arithmetic over adapters, the instruction-vector plan, or dense task vectors
+    merged tensor by tensor by the method."""
+    from merge.dense import merged_deltas
+    from merge.instruction_vector import METHOD as INSTRUCTION_VECTOR
+    from merge.instruction_vector import check_merge_parameters, instruction_vector_plan
+    from merge.plan import MergePlan
+    from merge.streaming import model_layout
+
+    params = check_merge_parameters(recipe.method, params)
+    if recipe.method == INSTRUCTION_VECTOR:
+        domain, instruct = (sources[_role_index(recipe, role)] for role in ("domain", "instruct"))
+        return instruction_vector_plan(base.folder, domain, instruct, params["alpha"], stack)
+    if recipe.method == "task_arithmetic" and all(s.adapter for s in sources):
+        return MergePlan(base.folder, [(s.adapter, w * params["scale"]) for s, w in zip(sources, weights)])
+    readers = _delta_readers(sources, model_layout(base.folder), stack)
+    return MergePlan(base.folder, [], merged_deltas(readers, weights, recipe.method, recipe.seed, params))
+
+
+def _role_index(recipe: MergeRecipe, role: str) -> int:
+    return next(i for i, item in enumerate(recipe.inputs) if item.role == role)
+
+
+def _lora_rank_sum(sources) -> int:
+    """Σ r_i of the inputs' LoRA adapters (the rank of the exact concatenated adapter)."""
+    return sum(int(json.loads((s.adapter / "adapter_config.json").read_text())["r"])
+               for s in sources if s.adapter is not None)
+
+
+def _truncation_summary(recipe: MergeRecipe, output: Path) -> dict:
+    """The SVD truncation errors of an adapter output (printed, and returned for the summary)."""
+    from merge.svd import format_truncation, read_truncation
+
+    if recipe.output != "adapter" or recipe.rank is None:
+        return {}
+    report = read_truncation(output)
+    if report is None:
+        say(f"rank {recipe.rank} is the exact rank Σ r_i: the adapter holds the exact merged update")
+        return {}
+    say(format_truncation(report))
+    return {"truncation": report.as_dict()}
+
+
+def _merge_search(recipe: MergeRecipe, sources, base, ws: Workspace, run: Run):
+    """Sweep recipe.search in memory, write search.json / search.md / pareto.png, return the result
+    (read back from search.json when a resumed run already searched)."""
+    from contextlib import ExitStack
+
+    from merge.search import read_search, run_search, write_search_files
+
+    done = read_search(run.folder)
+    if done is not None:
+        return done
+    spec = recipe.search
+    score, reference = _validation_scorer(recipe, base, ws)
+
+    def merged(candidate):
+        with ExitStack() as stack:
+            plan = _merge_plan(recipe, sources, base, candidate.weights, candidate.parameters, stack)
+            yield from plan.tensors()
+
+    result = run_search(_search_candidates(recipe), merged, score, reference, spec.choose,
+                        spec.max_forgetting_pct, log=say)
+    write_search_files(run.folder, result, title=f"{recipe.name}: {recipe.method} search")
+    chosen = result.points[result.chosen]
+    say(f"Search: {len(result.front)} of {len(result.points)} points on the Pareto front; chose "
+        f"{chosen.label} ({result.reason}); see search.md and pareto.png in {run.folder}")
+    return result
+
+
+def _check_searchable(recipe: MergeRecipe, sources) -> None:
+    """The search evaluates `_merge_plan` in memory; merges written another way are refused."""
+    from merge.methods import METHODS
+    from merge.preflight import plan_of
+
+    folders = [s.adapter or s.folder for s in sources]
+    if recipe.method in METHODS and plan_of(folders, recipe.method, recipe.output) == "road":
+        raise ValueError("search: task arithmetic over road_1 RoAd adapters composes their rotations, "
+                         "which the in-memory search does not evaluate; search another method "
+                         "(e.g. ties, whose RoAd inputs merge as dense deltas) or drop search")
+
+
+def _search_candidates(recipe: MergeRecipe) -> list:
+    from merge.search import Candidate
+
+    spec, weights = recipe.search, [item.weight for item in recipe.inputs]
+    if spec.weights is not None:
+        return [Candidate("w=[" + ", ".join(f"{w:g}" for w in row) + "]", list(row), dict(recipe.parameters))
+                for row in spec.weights]
+    return [Candidate(f"{spec.parameter}={value:g}", weights, {**recipe.parameters, spec.parameter: value})
+            for value in spec.values]
+
+
+def _validation_scorer(recipe: MergeRecipe, base, ws: Workspace):
+    """(score, the base's metrics): score(tensors) copies a merge's tensors into one loaded copy of
+    the base and evaluates it on recipe.search.validation, so no point is written to disk."""
+    model, tokenizer, _ = load_model(ModelSpec(path=base.ref), ws, with_adapter=False)
+    spec, args = recipe.search.validation, (recipe.seq_len, recipe.world.seed, recipe.world.size)
+    reference = evaluate_model(model, tokenizer, spec, *args)
+    state = model.state_dict()
+
+    def score(tensors) -> dict:
+        with torch.no_grad():
+            for name, tensor in tensors:
+                if name not in state:
+                    raise ValueError(f"tensor {name}: in the merge but not in the model loaded from "
+                                     f"{base.folder}")
+                state[name].copy_(tensor)
+        return evaluate_model(model, tokenizer, spec, *args)
+
+    return score, reference
+
+
+# ----------------------------------------------------------------------------------------------
+# mergekit
+
+
+def run_mergekit(recipe: MergekitRecipe, ws: Workspace, run: Run | None = None,
+                 resume: bool = False) -> Run:
+    """Run a mergekit YAML into a model folder (mergekit.yaml as run beside it); evaluate it
+    against its base_model when `eval` is set."""
+    from merge.mergekit_bridge import resolve_references, run_mergekit_config
+
+    resolved = resolve_references(recipe.config, ws, source="config")
+    if recipe.eval is not None and resolved.reference is None:
+        raise ValueError("eval: the base_model (or the first model) is a model+lora; give a model "
+                         "to evaluate the merge against")
+    if run is None:
+        run = ws.create_run("mergekit", recipe.name, recipe_to_yaml(recipe), recipe.seed,
+                            parents=resolved.parents)
+    with ws.running(run):
+        write_atomic(run.path("mergekit.yaml"), resolved.yaml)
+        output = run.path("model")
+        if not output.exists():  # a resumed merge keeps an output it already finished
+            run_mergekit_config(resolved.config, output, ws, seed=recipe.seed, source="config")
+        outputs = {"model": "model"}
+        if resolved.base is not None and resolved.reference is not None:
+            outputs["base"] = resolved.reference  # what the model was merged onto
+        summary: dict = {"merge_method": recipe.config["merge_method"], "inputs": resolved.inputs,
+                         "base": resolved.base, "config": "mergekit.yaml"}
+        if recipe.eval is not None:
+            args = (recipe.seq_len, recipe.world.seed, recipe.world.size)
+            merged, tokenizer, _ = load_model(ModelSpec(path=str(output)), ws)
+            merged_metrics = evaluate_model(merged, tokenizer, recipe.eval, *args)
+            del merged
+            base_model, base_tok, _ = load_model(ModelSpec(path=resolved.reference), ws)
+            report = gain_forgetting(evaluate_model(base_model, base_tok, recipe.eval, *args),
+                                     merged_metrics)
+            write_json(run.path("report.json"), report)
+            summary.update(domain_gain_pct=report["domain_gain_pct"],
+                           general_forgetting_pct=report["general_forgetting_pct"],
+                           merged=merged_metrics)
+            say(format_report(report, labels=("base", "merged")))
+        write_json(run.path("summary.json"), summary)
+        run.finish(summary, outputs=outputs)
+    return run
 
 
 # ----------------------------------------------------------------------------------------------
@@ -471,7 +723,15 @@ def run_pipeline(recipe: PipelineRecipe, ws: Workspace, run: Run | None = None,
     return run
 
 
-RUNNERS = {"train": run_train, "eval": run_eval, "merge": run_merge, "pipeline": run_pipeline}
+def run_quantize(recipe, ws: Workspace, run: Run | None = None, resume: bool = False) -> Run:
+    """The quantize stage (`quant.stage.run_quantize`, imported when first used)."""
+    from quant.stage import run_quantize as quantize
+
+    return quantize(recipe, ws, run=run, resume=resume)
+
+
+RUNNERS = {"train": run_train, "eval": run_eval, "merge": run_merge, "mergekit": run_mergekit,
+           "quantize": run_quantize, "pipeline": run_pipeline}
 
 
 def run_recipe(recipe, ws: Workspace) -> Run:
