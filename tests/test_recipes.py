@@ -36,7 +36,7 @@ def test_yaml_round_trip_is_exact():
      "train.schedule: Input should be 'cosine', 'wsd' or 'constant' (got 'linear')"),
     ({"kind": "train", "data": {"replay_ratio": 1.5}}, "data.replay_ratio: Input should be less than 1 (got 1.5)"),
     ({"kind": "train", "train": {"batch_size": 6, "grad_accum": 4}}, "must be divisible by"),
-    ({"kind": "trian"}, "unknown kind 'trian' (one of: pretrain, train, eval, merge, pipeline)"),
+    ({"kind": "trian"}, "unknown kind 'trian' (one of: pretrain, train, eval, merge, mergekit, quantize, pipeline)"),
     ({"name": "x"}, "missing key 'kind'"),
     ({"kind": "pipeline", "stages": [{"kind": "eval", "name": "a", "modle": {}}]},
      "stages.0.modle: unknown key 'modle'; did you mean 'model'?"),
