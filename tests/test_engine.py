@@ -179,3 +179,36 @@ def test_failed_run_resumes_without_evaluating_the_base_twice(workspace, monkeyp
     steps = [m["step"] for m in run.metrics() if "loss" in m]
     assert steps == [1, 2, 3, 4, 5, 6]
     assert len([m for m in run.metrics() if m["step"] == 0]) == 1
+
+
+def test_stop_signal_finishes_the_step_saves_it_and_resume_loses_nothing(workspace, monkeypatch):
+    """SIGINT in the middle of step 3 (as Ctrl-C or the app's Stop send it): step 3 completes, a
+    checkpoint of it is written although checkpoint_every is 0, the run is `stopped`, and resuming
+    gives exactly the uninterrupted loss curve."""
+    import os
+
+    from workbench.engine import TrainingStopped
+    from workbench.stages import resume_run
+
+    reference = run_train(tiny_train_recipe(train__max_steps=6, train__checkpoint_every=0,
+                                            name="stop-reference"), workspace)
+    real = engine.token_loss_sum
+    calls = {"n": 0}
+
+    def interrupted(model, inputs, labels):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(model, inputs, labels)
+
+    monkeypatch.setattr(engine, "token_loss_sum", interrupted)
+    with pytest.raises(TrainingStopped, match="stopped after step 3"):
+        run_train(tiny_train_recipe(train__max_steps=6, train__checkpoint_every=0, name="stopped"),
+                  workspace)
+    monkeypatch.setattr(engine, "token_loss_sum", real)
+    run = [r for r in workspace.runs() if r.info["name"] == "stopped"][0]
+    assert run.status == "stopped"
+    assert [p.name for p in run.path("checkpoints").glob("step-*")] == ["step-000003"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    resume_run(run.id, workspace)
+    assert _losses(run.folder) == pytest.approx(_losses(reference.folder), rel=1e-6, abs=1e-7)

@@ -17,6 +17,8 @@ import json
 import math
 from contextlib import nullcontext
 import shutil
+import signal
+import threading
 import time
 import zlib
 from dataclasses import dataclass
@@ -101,6 +103,38 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
         idx, key = name.split(".", 1)
         state.setdefault(int(idx), {})[key] = value
     return {"state": state, "param_groups": meta["param_groups"]}
+
+
+class TrainingStopped(KeyboardInterrupt):
+    """A stop request (Ctrl-C, SIGINT or SIGTERM) honoured after a step and its checkpoint."""
+
+
+class StopRequest:
+    """While active, the first SIGINT or SIGTERM only asks the loop to stop: the step in flight
+    finishes, a checkpoint of it is written, then `TrainingStopped` is raised (so `workbench
+    resume` loses nothing). A second signal interrupts at once. Signal handlers can only be set
+    from the main thread; elsewhere the default behaviour stays.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
 
 
 @dataclass
@@ -354,64 +388,72 @@ def train_loop(model, plan: BatchPlan, spec: TrainSpec, total_steps: int, run: R
     bar = tqdm(total=total_steps, initial=progress.step, desc=run.info.get("name", "train"),
                unit="step", disable=not accelerator.is_main_process, dynamic_ncols=True)
     device = accelerator.device
-    for step in range(progress.step, total_steps):
-        started = time.perf_counter()
-        lr = lr_at(step, spec, total_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        inputs, labels = plan.batch(step)
-        replay = torch.arange(len(inputs)) >= plan.n_train
-        totals = objective.totals(inputs, labels, replay)
-        step_loss = torch.zeros((), device=device)
-        for micro in range(spec.grad_accum):
-            rows = slice(micro * rows_per_micro, (micro + 1) * rows_per_micro)
-            x = inputs[rows][rank::world].to(device)
-            y = labels[rows][rank::world].to(device)
-            r = replay[rows][rank::world].to(device)
-            sync = micro == spec.grad_accum - 1
-            with accelerator.autocast(), (accelerator.no_sync(model) if not sync else nullcontext()):
-                loss = objective(model, x, y, r, totals)
-                if penalty is not None:  # once per step in total, over micro-batches and processes
-                    loss = loss + penalty() / (spec.grad_accum * world)
-                accelerator.backward(loss * world)  # DDP averages gradients over processes
-            step_loss += loss.detach()
-        step_loss = accelerator.reduce(step_loss, reduction="sum") if world > 1 else step_loss
-        value = float(step_loss)
-        if not math.isfinite(value):
+    with StopRequest() as stop:  # Ctrl-C / SIGTERM: finish the step, checkpoint, stop
+        for step in range(progress.step, total_steps):
+            started = time.perf_counter()
+            lr = lr_at(step, spec, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            inputs, labels = plan.batch(step)
+            replay = torch.arange(len(inputs)) >= plan.n_train
+            totals = objective.totals(inputs, labels, replay)
+            step_loss = torch.zeros((), device=device)
+            for micro in range(spec.grad_accum):
+                rows = slice(micro * rows_per_micro, (micro + 1) * rows_per_micro)
+                x = inputs[rows][rank::world].to(device)
+                y = labels[rows][rank::world].to(device)
+                r = replay[rows][rank::world].to(device)
+                sync = micro == spec.grad_accum - 1
+                with accelerator.autocast(), (accelerator.no_sync(model) if not sync else nullcontext()):
+                    loss = objective(model, x, y, r, totals)
+                    if penalty is not None:  # once per step in total, over micro-batches and processes
+                        loss = loss + penalty() / (spec.grad_accum * world)
+                    accelerator.backward(loss * world)  # DDP averages gradients over processes
+                step_loss += loss.detach()
+            step_loss = accelerator.reduce(step_loss, reduction="sum") if world > 1 else step_loss
+            value = float(step_loss)
+            if not math.isfinite(value):
+                optimizer.zero_grad(set_to_none=True)
+                raise TrainingDiverged(
+                    f"loss is {value} at step {step + 1}; training stopped before applying it. "
+                    f"Last good checkpoint: {last_good or 'none'} (in {ckpt_dir}). Lower train.lr or check the data.")
+            if spec.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(list(trainable.values()), spec.max_grad_norm)
+            if observer is not None:
+                observer.before_update()
+            optimizer.step()
+            if observer is not None:
+                observer.after_update()
             optimizer.zero_grad(set_to_none=True)
-            raise TrainingDiverged(
-                f"loss is {value} at step {step + 1}; training stopped before applying it. "
-                f"Last good checkpoint: {last_good or 'none'} (in {ckpt_dir}). Lower train.lr or check the data.")
-        if spec.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(list(trainable.values()), spec.max_grad_norm)
-        if observer is not None:
-            observer.before_update()
-        optimizer.step()
-        if observer is not None:
-            observer.after_update()
-        optimizer.zero_grad(set_to_none=True)
-        seconds = time.perf_counter() - started
-        progress.step, progress.tokens = step + 1, progress.tokens + inputs.numel()
-        progress.elapsed += seconds
-        row = {"step": progress.step, "loss": round(value, 6), "lr": lr,
-               "tokens_per_s": round(inputs.numel() / seconds, 1),
-               "tokens": progress.tokens, "elapsed": round(progress.elapsed, 3)}
-        if accelerator.is_main_process:
-            run.append_metrics(row)
-        bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
-        bar.update(1)
-        if spec.checkpoint_every and progress.step % spec.checkpoint_every == 0 \
-                and progress.step < total_steps:
-            last_good = save_checkpoint(ckpt_dir, trainable, optimizer, progress, rank,
-                                        accelerator.is_main_process, spec.keep_checkpoints).name
-        if evaluate is not None and progress.step in spec.eval_at:
-            model.eval()
-            metrics = evaluate(progress.step)
-            model.train()
+            seconds = time.perf_counter() - started
+            progress.step, progress.tokens = step + 1, progress.tokens + inputs.numel()
+            progress.elapsed += seconds
+            row = {"step": progress.step, "loss": round(value, 6), "lr": lr,
+                   "tokens_per_s": round(inputs.numel() / seconds, 1),
+                   "tokens": progress.tokens, "elapsed": round(progress.elapsed, 3)}
             if accelerator.is_main_process:
-                run.append_metrics({"step": progress.step, **{f"eval/{k}": v for k, v in metrics.items()}})
-        if on_step is not None:
-            on_step(progress.step, value)
+                run.append_metrics(row)
+            bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+            bar.update(1)
+            if spec.checkpoint_every and progress.step % spec.checkpoint_every == 0 \
+                    and progress.step < total_steps:
+                last_good = save_checkpoint(ckpt_dir, trainable, optimizer, progress, rank,
+                                            accelerator.is_main_process, spec.keep_checkpoints).name
+            if evaluate is not None and progress.step in spec.eval_at:
+                model.eval()
+                metrics = evaluate(progress.step)
+                model.train()
+                if accelerator.is_main_process:
+                    run.append_metrics({"step": progress.step, **{f"eval/{k}": v for k, v in metrics.items()}})
+            if on_step is not None:
+                on_step(progress.step, value)
+            if stop.requested and progress.step < total_steps:
+                saved = save_checkpoint(ckpt_dir, trainable, optimizer, progress, rank,
+                                        accelerator.is_main_process, spec.keep_checkpoints).name
+                bar.close()
+                if accelerator.is_main_process:
+                    run.log(f"stop requested: saved {saved} after step {progress.step}")
+                raise TrainingStopped(f"stopped after step {progress.step}; checkpoint {saved} saved")
     bar.close()
     model.eval()
     return progress
