@@ -276,20 +276,50 @@ def _write_shards(layout: dict, shards: list[list[str]], updates: dict,
     try:
         for k, names in enumerate(shards, start=1):
             file_name = SINGLE_NAME if n == 1 else f"model-{k:05d}-of-{n:05d}.safetensors"
-            tensors = {}
-            for name in names:
-                tensors[name] = _merged_tensor(name, read(name), updates.get(name, ()), extra_deltas)
-                weight_map[name] = file_name
+            specs = [(name, layout[name][1], layout[name][2]) for name in names]
+            merged = (_merged_tensor(name, read(name), updates.get(name, ()), extra_deltas)
+                      for name in names)
+            weight_map.update({name: file_name for name in names})
             try:
-                save_file(tensors, folder / file_name, metadata={"format": "pt"})
+                write_shard(folder / file_name, specs, merged, metadata={"format": "pt"})
             except OSError as err:  # disk full, quota, I/O error: say which file, then clean up
                 raise OSError(err.errno, f"writing {file_name} (shard {k} of {n}) failed: "
                               f"{err.strerror or err}; the export stopped and its partial folder "
                               "is removed, the target was not created", str(folder / file_name)) from err
-            del tensors
     finally:
         read.close()
     return weight_map
+
+
+def write_shard(path: Path, specs: list[tuple[str, str, list[int]]], tensors: Iterator[torch.Tensor],
+                metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file tensor by tensor: the header first (offsets follow from the names,
+    dtypes and shapes in `specs`), then each tensor's bytes as `tensors` produces it.
+
+    Written by hand because `safetensors.torch.save_file` needs every tensor at once and copies them
+    all into bytes before writing, so a shard would sit in memory twice; here at most one tensor is
+    held. The file is the standard format (8-byte little-endian header length, JSON header padded
+    with spaces to 8 bytes, tensors back to back in header order).
+    """
+    header: dict = {}
+    begin = 0
+    for name, dtype, shape in specs:
+        size = math.prod(shape) * torch.empty((), dtype=SAFETENSORS_DTYPES[dtype]).element_size()
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [begin, begin + size]}
+        begin += size
+    if metadata:
+        header["__metadata__"] = metadata
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for (name, dtype, shape), tensor in zip(specs, tensors, strict=True):
+            if tensor.dtype != SAFETENSORS_DTYPES[dtype] or list(tensor.shape) != list(shape):
+                raise ValueError(f"tensor {name}: produced {tensor.dtype} {list(tensor.shape)}, "
+                                 f"the header says {dtype} {list(shape)}")
+            f.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            del tensor
 
 
 def all_finite(t: torch.Tensor, limit: float = math.inf) -> bool:

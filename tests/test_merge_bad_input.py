@@ -232,15 +232,17 @@ def test_disk_full_during_export_stops_cleanly(world, tmp_path, monkeypatch):
     import merge.streaming as streaming
 
     written = []
-    real_save = streaming.save_file
+    real_write = streaming.write_shard
 
-    def filling_disk(tensors, path, metadata=None):
-        if written:  # the second shard does not fit
+    def filling_disk(path, specs, tensors, metadata=None):
+        if written:  # the second shard does not fit: it fails half-way through its tensors
+            with open(path, "wb") as f:
+                f.write(b"\0" * 100)
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-        real_save(tensors, path, metadata=metadata)
+        real_write(path, specs, tensors, metadata=metadata)
         written.append(Path(path).name)
 
-    monkeypatch.setattr(streaming, "save_file", filling_disk)
+    monkeypatch.setattr(streaming, "write_shard", filling_disk)
     out, n = tmp_path / "out", _shard_count(world["base"])
     with pytest.raises(OSError, match=rf"writing model-00002-of-{n:05d}.safetensors \(shard 2 of {n}\) "
                                       r"failed: No space left on device") as info:
@@ -269,13 +271,13 @@ KILLED_EXPORT = textwrap.dedent("""
     from pathlib import Path
     import merge.streaming as streaming
 
-    real_save = streaming.save_file
+    real_write = streaming.write_shard
 
-    def save_then_pause(tensors, path, metadata=None):
-        real_save(tensors, path, metadata=metadata)
+    def write_then_pause(path, specs, tensors, metadata=None):
+        real_write(path, specs, tensors, metadata=metadata)
         time.sleep(120)  # after each shard: the parent kills the export here, mid-way
 
-    streaming.save_file = save_then_pause
+    streaming.write_shard = write_then_pause
     from merge.dense import merge_folders
 
     base, lora, full, out = map(Path, sys.argv[1:5])

@@ -146,13 +146,13 @@ def test_failure_half_way_leaves_no_output(setup, monkeypatch):
 
     root, base, first, _ = setup
     seen, written = [], []
-    save = streaming.save_file
+    write = streaming.write_shard
 
-    def recording_save(tensors, path, metadata=None):
+    def recording_write(path, specs, tensors, metadata=None):
         written.append(path.name)
-        save(tensors, path, metadata=metadata)
+        write(path, specs, tensors, metadata=metadata)
 
-    monkeypatch.setattr(streaming, "save_file", recording_save)
+    monkeypatch.setattr(streaming, "write_shard", recording_write)
 
     def failing(name):
         seen.append(name)
@@ -240,3 +240,28 @@ def test_concatenated_adapter_equals_weighted_sum(setup):
     torch.testing.assert_close(_logits(peft_model), _logits(merged), atol=1e-5, rtol=0)
     with pytest.raises(FileExistsError):
         lora_concat_adapter(adapters, concat)
+
+
+def test_shard_writer_matches_safetensors_byte_for_byte_in_content(tmp_path):
+    """`write_shard` writes what safetensors reads back: every dtype, a scalar and an empty tensor,
+    with metadata, and a producer that yields the wrong shape is refused."""
+    from safetensors import safe_open
+
+    from merge.streaming import write_shard
+
+    tensors = {"a.weight": torch.randn(3, 5, dtype=torch.float16),
+               "b.weight": torch.randn(4, dtype=torch.bfloat16),
+               "c.bias": torch.randn(2, 2, dtype=torch.float32),
+               "d.count": torch.tensor(7, dtype=torch.int64),
+               "e.empty": torch.zeros(0, 3, dtype=torch.float32),
+               "f.mask": torch.tensor([True, False, True])}
+    names = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.int64: "I64",
+             torch.bool: "BOOL"}
+    specs = [(k, names[v.dtype], list(v.shape)) for k, v in tensors.items()]
+    write_shard(tmp_path / "x.safetensors", specs, iter(tensors.values()), metadata={"format": "pt"})
+    back = folder_tensors(tmp_path)
+    assert list(back) == sorted(tensors) and all(torch.equal(back[k], v) for k, v in tensors.items())
+    with safe_open(str(tmp_path / "x.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+    with pytest.raises(ValueError, match="a.weight: produced torch.float16 \\[5, 3\\]"):
+        write_shard(tmp_path / "y.safetensors", specs[:1], iter([tensors["a.weight"].T.contiguous()]))
