@@ -74,10 +74,11 @@ class FullModelDelta:
     def __call__(self, name: str) -> torch.Tensor | None:
         if self.base_layout[name][1] not in FLOAT_DTYPES:
             return None  # integer buffers are not merged
-        model = self._model(name)
-        delta = model.to(torch.float32, copy=True).sub_(self._base(name))
+        # the model's own tensor is released once converted (one float16 copy less at the peak)
+        delta = self._model(name).to(torch.float32, copy=True).sub_(self._base(name))
         if not all_finite(delta):
-            where = self.layout[name][0] if not all_finite(model.float()) else self.base_layout[name][0]
+            from_model = not all_finite(self._model(name).float())
+            where = self.layout[name][0] if from_model else self.base_layout[name][0]
             raise ValueError(f"tensor {name}: NaN or inf in {where}")
         return delta
 
