@@ -1,4 +1,4 @@
-"""The `workbench` command line: run recipes, resume runs, list and show runs, evaluate, demo."""
+"""The `workbench` command line: run recipes, resume runs, list and show runs, evaluate, demo, app."""
 
 from __future__ import annotations
 
@@ -138,10 +138,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="build the embedded base if needed, train a LoRA domain adapter, report")
     p.add_argument("--quick", action="store_true", help="a shorter run (about a minute on 2 cores)")
     p.set_defaults(func=cmd_demo)
+
+    # `workbench app ...` is handed to the app's own parser in main(); listed here for --help
+    sub.add_parser("app", add_help=False,
+                   help="the browser UI (options as for app.py: see `workbench app --help`)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["app"]:
+        from .ui.launch import main as app_main
+
+        return app_main(argv[1:], prog="workbench app")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -59,14 +59,21 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int | None) -> bool:
+    """True while `pid` runs (a zombie, ended but not yet reaped, counts as ended)."""
+    if not pid or pid < 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    stat = Path(f"/proc/{pid}/stat")
+    try:
+        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 class Run:
@@ -87,7 +94,7 @@ class Run:
         info = self.info
         status = info.get("status", "unknown")
         if status == "running" and info.get("host") == socket.gethostname():
-            if not _pid_alive(int(info.get("pid", -1))):
+            if not pid_alive(int(info.get("pid", -1))):
                 return "interrupted"
         return status
 
