@@ -188,12 +188,17 @@ def _model_facts(base: nn.Module) -> dict:
             "intermediate_size": c.intermediate_size, "num_hidden_layers": c.num_hidden_layers}
 
 
-def _head(base: nn.Module) -> tuple[str, nn.Module]:
-    for name in HEAD_NAMES:
+def _named_module(base: nn.Module, names: tuple[str, ...], what: str) -> tuple[str, nn.Module]:
+    """The first of `names` that is a submodule of `base` (heads differ in name across families)."""
+    for name in names:
         module = getattr(base, name, None)
         if isinstance(module, nn.Module):
             return name, module
-    raise MixdaError(f"{type(base).__name__}: no classification head ({' or '.join(HEAD_NAMES)})")
+    raise MixdaError(f"{type(base).__name__}: no {what} ({' or '.join(names)})")
+
+
+def _head(base: nn.Module) -> tuple[str, nn.Module]:
+    return _named_module(base, HEAD_NAMES, "classification head")
 
 
 def mixda_layers(model: nn.Module) -> list[MixdaLayer]:
@@ -250,11 +255,7 @@ def _set_trainable(model: nn.Module, stage: int, task: str, on: bool = True,
 
 
 def _mlm_head(base: nn.Module) -> tuple[str, nn.Module]:
-    for name in MLM_HEAD_NAMES:
-        module = getattr(base, name, None)
-        if isinstance(module, nn.Module):
-            return name, module
-    raise MixdaError(f"{type(base).__name__}: no masked-LM head ({' or '.join(MLM_HEAD_NAMES)})")
+    return _named_module(base, MLM_HEAD_NAMES, "masked-LM head")
 
 
 def _mlm_head_parameters(base: nn.Module) -> dict[str, nn.Parameter]:
@@ -503,7 +504,8 @@ def load(model: nn.Module, folder: Path, trainable: bool = False) -> nn.Module:
                             if k.startswith(f"head.{name}.")}, folder, f"head {name}")
     mlm_head = bool(config.get("mlm_head"))
     if mlm_head:
-        name, prefix = _mlm_head(base)[0], f"mlm_head.{_mlm_head(base)[0]}."
+        name = _mlm_head(base)[0]
+        prefix = f"mlm_head.{name}."
         own = _mlm_head_parameters(base)
         stored = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
         if sorted(stored) != sorted(own):
