@@ -1,7 +1,9 @@
 """Merging inputs of every kind: dense task vectors read tensor by tensor, and `merge_folders`.
 
 A dense task vector reader maps a base tensor's name to the input's float32 delta for it (None
-where the input does not touch it), reading memory-mapped safetensors one tensor at a time:
+where the input does not touch it), reading the safetensors files one tensor at a time; readers
+marked `by_rows` also take (name, (start, stop)) for a block of rows, which the streaming writer
+uses wherever the merge acts element by element (`merge.streaming._merged_blocks`):
 
 - `FullModelDelta`: τ[name] = θ_input[name] − θ_base[name].
 - `LoraDelta`: τ[name] = s·B·A for the weights a LoRA adapter adapts.
@@ -54,6 +56,7 @@ class FullModelDelta:
     """
 
     fresh = True  # each call returns a new tensor (see merge.streaming._merged_tensor)
+    by_rows = True  # may be called as (name, (start, stop)) for a block of rows
 
     def __init__(self, folder: Path, base_layout: dict, stack: ExitStack | None = None):
         self.folder, self.base_layout = Path(folder), base_layout
@@ -71,13 +74,13 @@ class FullModelDelta:
         if stack is not None:
             stack.callback(self.close)
 
-    def __call__(self, name: str) -> torch.Tensor | None:
+    def __call__(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor | None:
         if self.base_layout[name][1] not in FLOAT_DTYPES:
             return None  # integer buffers are not merged
         # the model's own tensor is released once converted (one float16 copy less at the peak)
-        delta = self._model(name).to(torch.float32, copy=True).sub_(self._base(name))
+        delta = self._model(name, rows).to(torch.float32, copy=True).sub_(self._base(name, rows))
         if not all_finite(delta):
-            from_model = not all_finite(self._model(name).float())
+            from_model = not all_finite(self._model(name, rows).float())
             where = self.layout[name][0] if from_model else self.base_layout[name][0]
             raise ValueError(f"tensor {name}: NaN or inf in {where}")
         return delta
@@ -91,6 +94,7 @@ class LoraDelta:
     """τ[name] = s·B·A for the weights a LoRA adapter adapts, None elsewhere."""
 
     fresh = True  # each call returns a new tensor (see merge.streaming._merged_tensor)
+    by_rows = True  # may be called as (name, (start, stop)) for a block of rows
 
     def __init__(self, folder: Path, base_layout: dict):
         folder = Path(folder)
@@ -106,11 +110,11 @@ class LoraDelta:
                 if not all_finite(t):
                     raise ValueError(f"tensor {name}: {part} in {folder} holds NaN or inf")
 
-    def __call__(self, name: str) -> torch.Tensor | None:
+    def __call__(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor | None:
         if name not in self.factors:
             return None
         b, a, scale = self.factors[name]
-        return scale * (b @ a)
+        return scale * ((b if rows is None else b[rows[0]:rows[1]]) @ a)
 
 
 class RoadDelta:
@@ -198,23 +202,26 @@ def merged_deltas(readers: list[DeltaReader], weights: list[float], method: str,
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
             raise ValueError(f"weight {i} must be a finite number, got {weight!r}")
 
-    def summed(name: str) -> torch.Tensor | None:
+    def summed(name: str, rows: tuple[int, int] | None) -> torch.Tensor | None:
         total = None
         for i, (read, weight) in enumerate(zip(readers, weights)):
-            part = read(name)
+            part = read(name) if rows is None else read(name, rows)
             if part is None:
                 continue
             term = part if part.dtype == torch.float32 else part.float()
-            term.mul_(weight)
+            if weight != 1:  # x·1 = x exactly: a pass over the tensor saved
+                term.mul_(weight)
             if total is not None and term.shape != total.shape:
                 raise ValueError(f"tensor {name!r}: task vector {i} has shape {tuple(term.shape)}, "
                                  f"another {tuple(total.shape)}")
             total = term if total is None else total.add_(term)
-        return None if total is None else total.mul_(values["scale"])
+        if total is not None and values["scale"] != 1:
+            total.mul_(values["scale"])
+        return total
 
-    def delta(name: str) -> torch.Tensor | None:
+    def delta(name: str, rows: tuple[int, int] | None = None) -> torch.Tensor | None:
         if method == "task_arithmetic":
-            return summed(name)
+            return summed(name, rows)
         parts = [read(name) for read in readers]
         present = [p for p in parts if p is not None]
         if not present:
@@ -223,6 +230,8 @@ def merged_deltas(readers: list[DeltaReader], weights: list[float], method: str,
         return merge_tensors(method, parts, weights, name, seed, **params)
 
     delta.fresh = True  # every call returns a new tensor the writer may add into
+    # task arithmetic acts element by element, so it can run on blocks of rows when every reader can
+    delta.by_rows = method == "task_arithmetic" and all(getattr(r, "by_rows", False) for r in readers)
     return delta
 
 

@@ -57,7 +57,7 @@ def instruction_vector_plan(base_folder: Path, domain, instruct, alpha: float,
     `.adapter` (an adapter folder or None), as `workbench.models.ModelSource`. LoRA adapters stay
     factored; a RoAd adapter enters as its dense delta (R − I)·W. Names and shapes of every full
     model are checked against the base from the safetensors headers; `stack` keeps the
-    memory-mapped files open while the plan runs.
+    files open while the plan runs.
     """
     base_folder = Path(base_folder)
     layout = model_layout(base_folder)
@@ -89,8 +89,10 @@ def instruction_vector_plan(base_folder: Path, domain, instruct, alpha: float,
 def summed(readers: list[DeltaReader]) -> DeltaReader:
     """name → the sum of the readers' deltas (None where none of them has one)."""
 
-    def read(name: str):
-        parts = [d for d in (reader(name) for reader in readers) if d is not None]
+    def read(name: str, *rows):
+        parts = [d for d in (reader(name, *rows) for reader in readers) if d is not None]
         return None if not parts else sum(parts[1:], parts[0])
 
+    read.fresh = all(getattr(reader, "fresh", False) for reader in readers)
+    read.by_rows = all(getattr(reader, "by_rows", False) for reader in readers)
     return read

@@ -38,10 +38,12 @@ class MergePlan:
 
 
 def scaled(reader: DeltaReader, factor: float) -> DeltaReader:
-    """name → factor·reader(name) (None stays None)."""
+    """name → factor·reader(name) (None stays None); by blocks of rows when `reader` reads so."""
 
-    def read(name: str) -> torch.Tensor | None:
-        delta = reader(name)
+    def read(name: str, *rows) -> torch.Tensor | None:
+        delta = reader(name, *rows)
         return None if delta is None else factor * delta
 
+    read.fresh = True  # a new tensor per call
+    read.by_rows = getattr(reader, "by_rows", False)
     return read

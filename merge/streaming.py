@@ -1,4 +1,4 @@
-"""Merging LoRA adapters into a base model tensor by tensor, without loading the model.
+"""Merging LoRA adapters (and other deltas) into a base model block by block, without loading it.
 
 `merge_lora_into_base` writes the exact merged model
 
@@ -8,10 +8,14 @@ for every adapted weight (s_i = α_i/r_i, or α_i/√r_i with rsLoRA), the other
 The update of each weight is the product B·A computed in float32 and added to the base tensor in
 float32, then cast back to the base tensor's dtype; A and B are never merged separately.
 
-Memory stays bounded: the base's safetensors shards are memory-mapped, and the output is written
-shard by shard (at most `max_shard_bytes` each), so at most one output shard is held in memory at
-a time, plus the adapters' factors. The shard layout follows transformers: a single
-`model.safetensors` when everything fits, else `model-0000k-of-0000N.safetensors` plus
+Memory stays bounded and the merge fast: tensors are merged in blocks of rows (`_merged_blocks`,
+about a million elements each) wherever the merge acts element by element (LoRA updates, task
+arithmetic over full models), read from the shards block by block (`ShardReader`; the base once,
+however many inputs subtract it) and written to the output shard as they come, on a second thread
+(`BackgroundWriter`). So the merge holds a few blocks plus the adapters' factors, whatever the
+size of a tensor, and its passes (convert, subtract, add, check, cast) run on data in the CPU's
+cache. Output shards hold at most `max_shard_bytes` each. The shard layout follows transformers:
+a single `model.safetensors` when everything fits, else `model-0000k-of-0000N.safetensors` plus
 `model.safetensors.index.json`. The config, generation config and tokenizer files are copied.
 
 The write is atomic: everything goes into a hidden sibling folder `.<name>.partial`, renamed to
@@ -23,13 +27,21 @@ run before any weight is read or any output is written.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
 import json
 import math
+import os
+import platform
+import queue
 import shutil
 import struct
 import sys
+import threading
+import weakref
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -56,7 +68,9 @@ def merge_lora_into_base(base_folder: Path, adapters: list[tuple[Path, float]], 
 
     `adapters` holds (PEFT LoRA folder, weight) pairs; a negative weight subtracts an adapter.
     `extra_deltas`, if given, is called with every tensor name and returns a float32 delta of the
-    tensor's shape to add as well, or None. Returns the output folder.
+    tensor's shape to add as well, or None. If it has `by_rows = True`, it is called as
+    `extra_deltas(name, (start, stop))` for blocks of rows instead (see `_merged_blocks`).
+    Returns the output folder.
 
     Raises FileExistsError if `out_folder` exists, ValueError (naming the tensor, and the adapter
     folder where one is at fault) if an adapter does not fit the base or holds non-finite values.
@@ -91,12 +105,10 @@ def merged_tensors(base_folder: Path, adapters: list[tuple[Path, float]],
     memory). One merged tensor is alive at a time unless the caller keeps them."""
     layout = model_layout(Path(base_folder))
     updates = _load_adapters(adapters, layout)
-    read = ShardReader(layout)
-    try:
+    with freed_memory_kept(), contextlib.closing(ShardReader(layout)) as read:
         for name in layout:
-            yield name, _merged_tensor(name, read(name), updates.get(name, ()), extra_deltas)
-    finally:
-        read.close()
+            blocks = list(_merged_blocks(name, read, updates.get(name, ()), extra_deltas))
+            yield name, blocks[0] if len(blocks) == 1 else torch.cat(blocks)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,12 +169,22 @@ class ShardReader:
     models would hold their shards resident; here only the tensors still alive do. One file is
     open at a time (reads follow storage order). Dtypes torch has no plain equivalent for (FP8,
     ...) fall back to safetensors' own reader.
+
+    Readers share what they read: while a tensor read by any reader is still alive, reading the
+    same tensor of the same unchanged file (path, inode, size and modification time) returns it
+    again instead of reading it twice. A merge streams the base and its task vectors subtract the
+    base from every input, so the base is read once instead of once per input. The memo holds
+    weak references only: it never keeps a tensor alive. Tensors handed out are therefore shared
+    and must not be modified in place.
     """
+
+    _alive: "weakref.WeakValueDictionary[tuple, torch.Tensor]" = weakref.WeakValueDictionary()
 
     def __init__(self, layout: dict):
         self.layout = layout
         self._starts: dict[Path, int] = {}  # shard → where its data buffer begins
         self._offsets: dict[Path, dict] = {}
+        self._identity: dict[Path, tuple] = {}  # shard → (path, inode, size, mtime), for the memo
         self._path: Path | None = None
         self._file = None
 
@@ -177,20 +199,36 @@ class ShardReader:
                 self._starts[path] = 8 + n
                 self._offsets[path] = {k: v["data_offsets"][0] for k, v in header.items()
                                        if k != "__metadata__"}
+            stat = os.fstat(self._file.fileno())
+            self._identity[path] = (str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
         return self._file
 
-    def __call__(self, name: str) -> torch.Tensor:
+    def __call__(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The tensor `name`, or only its rows [start, stop) along dim 0 (`rows`), which lie
+        contiguously in the file."""
         path, dtype, shape, nbytes = self.layout[name]
         if dtype not in SAFETENSORS_DTYPES or sys.byteorder != "little":
             with safe_open(path, framework="pt") as f:
-                return f.get_tensor(name)
+                tensor = f.get_tensor(name)
+            return tensor if rows is None else tensor[rows[0]:rows[1]]
         f = self._open(path)
+        key = (*self._identity[path], name, rows)
+        tensor = self._alive.get(key)
+        if tensor is not None:
+            return tensor
+        skip = 0
+        if rows is not None:
+            row_bytes = nbytes // shape[0] if shape and shape[0] else 0
+            skip, nbytes = rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes
+            shape = [rows[1] - rows[0], *shape[1:]]
         raw = torch.empty(nbytes, dtype=torch.uint8)
         if nbytes:
-            f.seek(self._starts[path] + self._offsets[path][name])
+            f.seek(self._starts[path] + self._offsets[path][name] + skip)
             if f.readinto(memoryview(raw.numpy())) != nbytes:
                 raise OSError(f"{path}: tensor {name} is truncated")
-        return raw.view(SAFETENSORS_DTYPES[dtype]).reshape(shape)
+        tensor = raw.view(SAFETENSORS_DTYPES[dtype]).reshape(shape)
+        self._alive[key] = tensor
+        return tensor
 
     def close(self) -> None:
         if self._file is not None:
@@ -202,7 +240,10 @@ FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 
 
 def _load_adapters(adapters: list[tuple[Path, float]],
-                   layout: dict) -> dict[str, list[tuple[torch.Tensor, torch.Tensor, float]]]:
+                   layout: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """name → (B, A) stacked over the adapters that update the weight: B = [c₁B₁ | c₂B₂ | …] and
+    A = [A₁; A₂; …] with cᵢ = wᵢ·sᵢ, so that B·A = Σ cᵢ·Bᵢ·Aᵢ is one matrix product (one pass over
+    the full-size update instead of one per adapter), all in float32."""
     updates: dict[str, list[tuple[torch.Tensor, torch.Tensor, float]]] = {}
     for folder, weight in adapters:
         folder = Path(folder)
@@ -226,7 +267,9 @@ def _load_adapters(adapters: list[tuple[Path, float]],
             if not math.isfinite(weight * scale):
                 raise ValueError(f"tensor {name}: non-finite weight·scale for {folder}")
             updates.setdefault(name, []).append((b, a, float(weight) * scale))
-    return updates
+    return {name: (torch.cat([b.float() * c for b, _, c in parts], dim=1),
+                   torch.cat([a.float() for _, a, _ in parts], dim=0))
+            for name, parts in updates.items()}
 
 
 def _check_adapter_format(folder: Path) -> None:
@@ -268,17 +311,61 @@ def _plan_shards(layout: dict, max_shard_bytes: int) -> list[list[str]]:
 # Writing
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+
+
+@contextlib.contextmanager
+def freed_memory_kept():
+    """While inside, memory the merge frees stays in the process for its next tensor.
+
+    A merge allocates and frees blocks and tensors of megabytes one after the other. glibc serves an
+    allocation above its mmap threshold with fresh pages from the kernel and unmaps them on free,
+    and returns the top of its heap to the kernel once more than its trim threshold is free, so a
+    new tensor keeps paying a page fault per 4 KiB page on first touch. On the benchmark's machine
+    a read into a fresh buffer ran 10x slower than into a reused one and element-wise passes over
+    whole tensors 4-7x slower; with blocks of rows, merge (a) of `bench/merge_speed.py` took
+    1.8-3.3 s without this and 1.5-1.6 s with it. Inside, allocations up to 64 MiB (the blocks,
+    and all but the largest whole tensors of TIES or DARE) come from the heap and freed memory
+    stays there for the next ones. On the way out the thresholds go to 32 / 64 MiB (where glibc's
+    own dynamic thresholds end up in a process that frees large tensors) and the freed memory is
+    returned to the system (malloc_trim). No-op where the C library is not glibc.
+    """
+    libc = _glibc()
+    if libc is None:
+        yield
+        return
+    libc.mallopt(M_MMAP_THRESHOLD, 64 << 20)
+    libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
+    try:
+        yield
+    finally:
+        libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
+        libc.mallopt(M_TRIM_THRESHOLD, 64 << 20)
+        libc.malloc_trim(0)
+
+
+@functools.cache
+def _glibc():
+    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+        return libc
+    except OSError:
+        return None
+
+
 def _write_shards(layout: dict, shards: list[list[str]], updates: dict,
                   extra_deltas: ExtraDeltas | None, folder: Path) -> dict[str, str]:
     n = len(shards)
     weight_map: dict[str, str] = {}
     read = ShardReader(layout)
-    try:
+    with freed_memory_kept(), contextlib.closing(read):
         for k, names in enumerate(shards, start=1):
             file_name = SINGLE_NAME if n == 1 else f"model-{k:05d}-of-{n:05d}.safetensors"
             specs = [(name, layout[name][1], layout[name][2]) for name in names]
-            merged = (_merged_tensor(name, read(name), updates.get(name, ()), extra_deltas)
-                      for name in names)
+            merged = (_merged_blocks(name, read, updates.get(name, ()), extra_deltas) for name in names)
             weight_map.update({name: file_name for name in names})
             try:
                 write_shard(folder / file_name, specs, merged, metadata={"format": "pt"})
@@ -286,15 +373,16 @@ def _write_shards(layout: dict, shards: list[list[str]], updates: dict,
                 raise OSError(err.errno, f"writing {file_name} (shard {k} of {n}) failed: "
                               f"{err.strerror or err}; the export stopped and its partial folder "
                               "is removed, the target was not created", str(folder / file_name)) from err
-    finally:
-        read.close()
     return weight_map
 
 
-def write_shard(path: Path, specs: list[tuple[str, str, list[int]]], tensors: Iterator[torch.Tensor],
+def write_shard(path: Path, specs: list[tuple[str, str, list[int]]],
+                tensors: Iterator["torch.Tensor | Iterable[torch.Tensor]"],
                 metadata: dict[str, str] | None = None) -> None:
     """Write a safetensors file tensor by tensor: the header first (offsets follow from the names,
-    dtypes and shapes in `specs`), then each tensor's bytes as `tensors` produces it.
+    dtypes and shapes in `specs`), then each tensor's bytes as `tensors` produces it. An item of
+    `tensors` may also be an iterable of row blocks (consecutive slices along dim 0), written as
+    they come.
 
     Written by hand because `safetensors.torch.save_file` needs every tensor at once and copies them
     all into bytes before writing, so a shard would sit in memory twice; here at most one tensor is
@@ -311,15 +399,60 @@ def write_shard(path: Path, specs: list[tuple[str, str, list[int]]], tensors: It
         header["__metadata__"] = metadata
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
+    with open(path, "wb") as f, BackgroundWriter(f) as out:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
-        for (name, dtype, shape), tensor in zip(specs, tensors, strict=True):
-            if tensor.dtype != SAFETENSORS_DTYPES[dtype] or list(tensor.shape) != list(shape):
-                raise ValueError(f"tensor {name}: produced {tensor.dtype} {list(tensor.shape)}, "
-                                 f"the header says {dtype} {list(shape)}")
-            f.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
-            del tensor
+        for (name, dtype, shape), item in zip(specs, tensors, strict=True):
+            blocks = (item,) if isinstance(item, torch.Tensor) else item
+            rows = 0
+            for block in blocks:
+                whole = block is item
+                if block.dtype != SAFETENSORS_DTYPES[dtype] or \
+                        list(block.shape[int(not whole):]) != list(shape[int(not whole):]):
+                    raise ValueError(f"tensor {name}: produced {block.dtype} {list(block.shape)}"
+                                     f"{'' if whole else ' (a block of rows)'}, the header says "
+                                     f"{dtype} {list(shape)}")
+                rows += block.shape[0] if block.dim() and not whole else 0
+                out.write(block.detach().cpu().contiguous().reshape(-1).view(torch.uint8))
+                del block
+            if not isinstance(item, torch.Tensor) and rows != (shape[0] if shape else 0):
+                raise ValueError(f"tensor {name}: produced {rows} rows, the header says {list(shape)}")
+
+
+class BackgroundWriter:
+    """Writes byte tensors to an open file on a second thread, in order, while the caller computes
+    the next ones (the write system call releases the GIL). At most `depth` tensors wait at a time.
+    An error of the write (disk full, ...) is raised in the caller by its next `write` or at the
+    end of the `with` block; leaving the block waits until everything queued is written."""
+
+    def __init__(self, file, depth: int = 8):
+        self.file, self.error = file, None
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
+
+    def __enter__(self) -> "BackgroundWriter":
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self.error is None:  # after an error, only drain the queue
+                try:
+                    self.file.write(item.numpy().data)
+                except BaseException as err:  # noqa: BLE001 (handed over to the caller)
+                    self.error = err
+
+    def write(self, data: torch.Tensor) -> None:
+        """Queue the bytes of a uint8 tensor (kept alive until written)."""
+        if self.error is not None:
+            raise self.error
+        self._queue.put(data)
+
+    def __exit__(self, *exc) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        if self.error is not None and exc[0] is None:
+            raise self.error
 
 
 def all_finite(t: torch.Tensor, limit: float = math.inf) -> bool:
@@ -332,36 +465,61 @@ def all_finite(t: torch.Tensor, limit: float = math.inf) -> bool:
         math.isfinite(float(low)) and math.isfinite(float(high))
 
 
-def _merged_tensor(name: str, base: torch.Tensor, factors, extra_deltas) -> torch.Tensor:
-    """base + Σ c·(B @ A) + extra in float32, cast back to the base's dtype.
+BLOCK_ELEMENTS = 1 << 20  # merge rows in blocks of about this many elements (4 MiB in float32)
 
-    In place where the operand is the merge's own (the same operations, so the same bits, with
-    fewer full-size temporaries): the factor products always, and the extra delta when
-    `extra_deltas.fresh` is true (it hands over a new tensor per call, as `merge.dense`'s do).
+
+def _merged_blocks(name: str, read: ShardReader, factors, extra_deltas) -> Iterator[torch.Tensor]:
+    """The merged tensor `name` as consecutive blocks of rows (`_merged_tensor` of each block).
+
+    Merging by blocks of about `BLOCK_ELEMENTS` keeps the few passes of a merge (read, convert,
+    subtract, add, check, cast) over data that stays in the CPU's cache instead of streaming
+    full-size float32 tensors through memory once per pass; it also bounds the merge's memory by
+    the block size rather than the largest tensor. Every operation acts row by row, so the result
+    is the same merge. Used when `extra_deltas` is None or reads by rows (`by_rows`); otherwise
+    (TIES, DARE, RoAd deltas need the whole tensor) the tensor is one block.
     """
-    delta, owned = None, False
-    for b, a, coefficient in factors:
-        term = (b @ a).mul_(coefficient)
-        if delta is None:
-            delta, owned = term, True
-        else:
-            delta.add_(term)
+    shape = read.layout[name][2]
+    by_rows = extra_deltas is None or getattr(extra_deltas, "by_rows", False)
+    if not by_rows or not shape or shape[0] <= 1:
+        yield _merged_tensor(name, read(name), factors, extra_deltas)
+        return
+    step = max(1, BLOCK_ELEMENTS // max(1, math.prod(shape[1:])))
+    for start in range(0, shape[0], step):
+        rows = (start, min(start + step, shape[0]))
+        yield _merged_tensor(name, read(name, rows), factors, extra_deltas, rows)
+
+
+def _merged_tensor(name: str, base: torch.Tensor, factors, extra_deltas,
+                   rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """base + B·A + extra in float32, cast back to the base's dtype, where `factors` is the stacked
+    (B, A) of `_load_adapters` (B·A = Σ cᵢ·Bᵢ·Aᵢ) or empty. With `rows` = (start, stop), `base`
+    holds only those rows of the tensor, and so does the result.
+
+    Everything runs in place on one float32 tensor: the extra delta itself when `extra_deltas.fresh`
+    is true (it hands over a new tensor per call, as `merge.dense`'s do), else a copy; the product
+    is added by the matrix product itself (extra += B·A), then the base.
+    """
+    extra = None
     if extra_deltas is not None:
-        extra = extra_deltas(name)
+        extra = extra_deltas(name) if rows is None else extra_deltas(name, rows)
         if extra is not None:
             if tuple(extra.shape) != tuple(base.shape):
                 raise ValueError(f"tensor {name}: extra delta has shape {tuple(extra.shape)}, "
                                  f"the base tensor {tuple(base.shape)}")
             if not base.is_floating_point():
                 raise ValueError(f"tensor {name}: base dtype {base.dtype} cannot take a delta")
-            extra = extra.float()
-            if delta is None:
-                delta, owned = extra, bool(getattr(extra_deltas, "fresh", False))
-            else:
-                delta.add_(extra)
+    delta = None
+    if extra is not None:
+        fresh = getattr(extra_deltas, "fresh", False) and extra.dtype == torch.float32
+        delta = extra if fresh else extra.to(torch.float32, copy=True)
+    if factors:
+        b, a = factors
+        if rows is not None:
+            b = b[rows[0]:rows[1]]
+        delta = torch.mm(b, a) if delta is None else delta.addmm_(b, a)
     if delta is None:
         return base.contiguous()
-    merged = delta.add_(base) if owned else torch.add(delta, base)  # = base + delta, bit for bit
+    merged = delta.add_(base)  # = base + delta
     if not all_finite(merged, torch.finfo(base.dtype).max):
         source = ("the base tensor" if not all_finite(base) else
                   "the merged delta" if not all_finite(merged) else

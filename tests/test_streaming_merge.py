@@ -265,3 +265,40 @@ def test_shard_writer_matches_safetensors_byte_for_byte_in_content(tmp_path):
         assert f.metadata() == {"format": "pt"}
     with pytest.raises(ValueError, match="a.weight: produced torch.float16 \\[5, 3\\]"):
         write_shard(tmp_path / "y.safetensors", specs[:1], iter([tensors["a.weight"].T.contiguous()]))
+
+
+def test_readers_share_a_tensor_while_it_is_alive_and_never_serve_a_changed_file(setup, tmp_path):
+    """Two readers of one file hand out the same tensor while it is alive (a merge reads its base
+    once, not once per input); a block of rows is its own entry; once the tensor is gone, or the
+    file is replaced, the data is read again."""
+    import gc
+    import weakref
+
+    from merge.streaming import ShardReader, model_layout
+
+    _, base, _, _ = setup
+    folder = tmp_path / "model"
+    shutil.copytree(base, folder)
+    layout = model_layout(folder)
+    name = "model.layers.0.mlp.down_proj.weight"
+    original = load_file(folder / "model.safetensors")
+    first, second = ShardReader(layout), ShardReader(layout)
+    tensor = first(name)
+    assert second(name) is tensor and torch.equal(tensor, original[name])
+    rows = second(name, (1, 3))
+    assert rows is not tensor and torch.equal(rows, original[name][1:3])
+    assert first(name, (1, 3)) is rows
+    alive = weakref.ref(tensor)
+    del tensor, rows
+    gc.collect()
+    assert alive() is None  # the readers' memo does not keep it
+    again = second(name)
+    assert torch.equal(again, original[name])
+
+    changed = {k: v + 1 if k == name else v for k, v in original.items()}
+    (folder / "model.safetensors").unlink()
+    save_file(changed, folder / "model.safetensors", metadata={"format": "pt"})
+    fresh = ShardReader(model_layout(folder))
+    assert torch.equal(fresh(name), original[name] + 1)
+    assert torch.equal(again, original[name])  # the tensor handed out earlier is untouched
+    first.close(), second.close(), fresh.close()
