@@ -94,7 +94,6 @@ class LoraDelta:
     """τ[name] = s·B·A for the weights a LoRA adapter adapts, None elsewhere."""
 
     fresh = True  # each call returns a new tensor (see merge.streaming._merged_tensor)
-    by_rows = True  # may be called as (name, (start, stop)) for a block of rows
 
     def __init__(self, folder: Path, base_layout: dict):
         folder = Path(folder)
@@ -110,11 +109,11 @@ class LoraDelta:
                 if not all_finite(t):
                     raise ValueError(f"tensor {name}: {part} in {folder} holds NaN or inf")
 
-    def __call__(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor | None:
+    def __call__(self, name: str) -> torch.Tensor | None:
         if name not in self.factors:
             return None
         b, a, scale = self.factors[name]
-        return scale * ((b if rows is None else b[rows[0]:rows[1]]) @ a)
+        return scale * (b @ a)
 
 
 class RoadDelta:
