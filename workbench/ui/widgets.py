@@ -414,7 +414,18 @@ def merge_parameters() -> dict[str, list]:
     return found
 
 
-class MergeParametersEditor(Editor):
+class MethodEditor(Editor):
+    """An editor whose components all follow the chosen merge method."""
+
+    def triggers(self, form: RecipeForm) -> list:
+        return [form.components["method"]]
+
+    @property
+    def visibility_outputs(self) -> list:
+        return list(self.components)
+
+
+class MergeParametersEditor(MethodEditor):
     """`parameters`: one control per parameter of the chosen method (merge.methods)."""
 
     field_id = "parameters"
@@ -464,19 +475,12 @@ class MergeParametersEditor(Editor):
         given = given if isinstance(given, dict) else {}
         return {f"@ed:parameters:{name}": given.get(name, p.default) for name, p in self.params.items()}
 
-    def triggers(self, form: RecipeForm) -> list:
-        return [form.components["method"]]
-
-    @property
-    def visibility_outputs(self) -> list:
-        return list(self.components)
-
     def visibility(self, state: dict) -> list:
         active = {p.name for p in self.by_method.get(state.get("method"), [])}
         return [gr.update(visible=name in active) for name in self.params]
 
 
-class SearchParameterEditor(Editor):
+class SearchParameterEditor(MethodEditor):
     """`search.parameter`: a numeric parameter of the chosen method, or none (sweep weight rows)."""
 
     field_id = "search.parameter"
@@ -502,13 +506,6 @@ class SearchParameterEditor(Editor):
 
     def from_text(self, text: Any, state: dict) -> dict:
         return {"@ed:search.parameter": text or ""}
-
-    def triggers(self, form: RecipeForm) -> list:
-        return [form.components["method"]]
-
-    @property
-    def visibility_outputs(self) -> list:
-        return list(self.components)
 
     def visibility(self, state: dict) -> list:
         return [gr.update(choices=self.options(state.get("method")))]
