@@ -181,7 +181,18 @@ def test_failed_run_resumes_without_evaluating_the_base_twice(workspace, monkeyp
     assert len([m for m in run.metrics() if m["step"] == 0]) == 1
 
 
-def test_stop_signal_finishes_the_step_saves_it_and_resume_loses_nothing(workspace, monkeypatch):
+@pytest.fixture
+def interruptible():
+    """SIGINT handled as Python's default handler does, however pytest was started: a process
+    started in the background by a shell without job control inherits SIGINT as ignored, and the
+    engine rightly restores whatever handler it found."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_stop_signal_finishes_the_step_saves_it_and_resume_loses_nothing(workspace, monkeypatch,
+                                                                         interruptible):
     """SIGINT in the middle of step 3 (as Ctrl-C or the app's Stop send it): step 3 completes, a
     checkpoint of it is written although checkpoint_every is 0, the run is `stopped`, and resuming
     gives exactly the uninterrupted loss curve."""
