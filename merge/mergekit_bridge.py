@@ -62,7 +62,9 @@ from typing import Any, Iterator
 import torch
 import yaml
 
+from workbench import resolver
 from workbench.export import atomic_folder
+from workbench.yamlio import YamlRefused, read_yaml_file
 
 MIN_MERGEKIT = "0.1.5"
 INSTRUCTION_VECTOR = "instruction_vector"
@@ -102,14 +104,15 @@ def _mergekit():
 
 
 def read_mergekit_config(path: str | Path) -> dict:
-    """A mergekit YAML file as a mapping; a clear error for a missing or malformed file."""
-    path = Path(path).expanduser()
+    """A mergekit YAML file as a mapping (the path through the resolver in force, the text within
+    the YAML bounds); a clear error for a missing, refused or malformed file."""
+    path = resolver.current().path(str(path), "config")
     if not path.is_file():
         raise MergekitConfigError(f"mergekit YAML file '{path}' not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise MergekitConfigError(f"{path}: not valid YAML: {err}") from None
+        data = read_yaml_file(path)
+    except YamlRefused as err:
+        raise MergekitConfigError(str(err)) from None
     if not isinstance(data, dict):
         raise MergekitConfigError(f"{path}: a mergekit config is a mapping with a merge_method key")
     return data
@@ -271,6 +274,21 @@ def _reference_slots(config: dict) -> Iterator[tuple[dict, str, str]]:
             yield token, "source", f"tokenizer.tokens.{name}.source"
 
 
+def reference_paths(config: dict) -> Iterator[tuple[str, str]]:
+    """(key path, reference) of every model and LoRA reference in a validated mergekit config,
+    a `model+lora` reference as its two parts: what the resolver checks before anything runs."""
+    from mergekit.common import ModelReference
+
+    for node, key, where in _reference_slots(config):
+        try:
+            reference = ModelReference.model_validate(node[key])
+        except (RuntimeError, ValueError):
+            continue  # check_mergekit_config has said what is wrong with it
+        for part in (reference.model, reference.lora):
+            if part is not None:
+                yield where, part.path
+
+
 def _in_workspace(ref: str, workspace) -> str:
     """A relative path that exists under the workspace root becomes that folder."""
     if workspace is None or ref == "default" or ref.startswith(("run:", "stage:", "config:")):
@@ -302,7 +320,7 @@ def _adapter_folder(ref: str, workspace, where: str) -> Path:
             raise ModelLoadError(f"{where}: '{ref}' is a model, not a LoRA adapter")
         folder = source.adapter
     else:
-        folder = Path(ref).expanduser().resolve()
+        folder = resolver.current().path(ref, where)
     _check_peft_adapter(folder, where)
     return folder
 

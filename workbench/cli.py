@@ -8,6 +8,7 @@ import os
 import sys
 import traceback
 
+from . import resolver
 from .recipes import EvalRecipe, EvalSpec, ModelSpec, RecipeError, load_recipe, recipe_to_yaml
 from .workspace import Workspace
 
@@ -112,10 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe value, e.g. --set train.max_steps=50")
+    resolver.add_policy_arguments(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("resume", parents=[common], help="continue an interrupted run")
     p.add_argument("run")
+    resolver.add_policy_arguments(p)
     p.set_defaults(func=cmd_resume)
 
     p = sub.add_parser("runs", parents=[common], help="list runs")
@@ -153,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         return app_main(argv[1:], prog="workbench app")
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "workspace_only", False):
+            resolver.install(resolver.policy_from_arguments(args, _workspace(args).root))
         return args.func(args)
     except KeyboardInterrupt:
         print("\nstopped. Resume with: workbench resume <run-id> (see `workbench runs`)", file=sys.stderr)

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from . import resolver
+
 IGNORE = -100
 
 
@@ -86,6 +88,11 @@ def _read_jsonl(path: Path) -> list[dict]:
     return records
 
 
+def data_path(source: str) -> Path:
+    """The file a data source names, through the resolver in force (`workbench.resolver`)."""
+    return resolver.current().path(source, "data")
+
+
 def read_texts(source: str, world_seed: int = 0, world_size: str = "default") -> list[str]:
     """Documents from a source (see the module docstring)."""
     if source.startswith("world:"):
@@ -93,7 +100,7 @@ def read_texts(source: str, world_seed: int = 0, world_size: str = "default") ->
         if texts and not isinstance(texts[0], str):
             raise DataError(f"{source}: this split holds questions, not documents")
         return texts
-    path = Path(source)
+    path = data_path(source)
     if path.suffix == ".jsonl":
         texts = []
         for number, record in enumerate(_read_jsonl(path), start=1):
@@ -134,7 +141,7 @@ def read_labelled(source: str, world_seed: int = 0, world_size: str = "default"
         order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(world_seed))
         pairs = [pairs[i] for i in order.tolist()]
         return [t for t, _ in pairs], [label for _, label in pairs], ["general", "domain"]
-    path = Path(source)
+    path = data_path(source)
     if path.suffix != ".jsonl":
         raise DataError(f"{path}: labelled data must be a .jsonl file of {{text, label}} records")
     records = list(_read_jsonl(path))
@@ -167,7 +174,7 @@ def read_examples(source: str, world_seed: int = 0, world_size: str = "default")
         if items and isinstance(items[0], str):
             raise DataError(f"{source}: this split holds documents, not questions")
         return [Example(q.prompt, q.answer) for q in items]
-    path = Path(source)
+    path = data_path(source)
     if path.suffix != ".jsonl":
         raise DataError(f"{path}: questions must be a .jsonl file of {{prompt|question, answer}} records")
     examples = []

@@ -47,8 +47,9 @@ from typing import Iterator
 import yaml
 
 from .recipes import RecipeError, parse_recipe
-from .ui.paths import anchored
+from .resolver import Resolver, using
 from .workspace import Run, RunNotFound, Workspace, pid_alive, write_atomic, write_json
+from .yamlio import YamlRefused, load_yaml
 
 QUEUED, RUNNING, DONE, FAILED, STOPPED, CANCELLED = (
     "queued", "running", "done", "failed", "stopped", "cancelled")
@@ -107,8 +108,11 @@ def tail(path: Path, max_bytes: int = 8192, max_lines: int = 40) -> str:
 class JobQueue:
     """The job queue of one workspace (see the module docstring)."""
 
-    def __init__(self, ws: Workspace, python: str = sys.executable):
+    def __init__(self, ws: Workspace, python: str = sys.executable, resolver: Resolver | None = None):
         self.ws = ws
+        # the policy recipes are validated under here and run under in the workers (which run
+        # in the workspace folder: relative paths mean the workspace's files in both places)
+        self.resolver = resolver or Resolver(base=ws.root)
         self.dir = ws.root / "jobs"
         self.python = python
         self._workers: dict[str, subprocess.Popen] = {}  # the workers this object started
@@ -168,10 +172,11 @@ class JobQueue:
     def submit(self, recipe_text: str, source: str = "") -> dict:
         """Validate a YAML recipe and queue it; raise RecipeError (nothing queued) if it is bad."""
         try:
-            data = yaml.safe_load(recipe_text)
-        except yaml.YAMLError as err:
-            raise RecipeError(f"{source or 'recipe'}: not valid YAML: {err}") from None
-        recipe = parse_recipe(anchored(data, self.ws.root), source or "recipe")  # as the worker sees it
+            data = load_yaml(recipe_text, source or "recipe")
+        except YamlRefused as err:
+            raise RecipeError(str(err)) from None
+        with using(self.resolver):  # as the worker will see it
+            recipe = parse_recipe(data, source or "recipe")
         with self._locked():
             job_id = self._new_id()
             recipe_file = self.path(job_id, ".yaml")
@@ -265,7 +270,10 @@ class JobQueue:
         env.update(PYTHONUNBUFFERED="1", TQDM_MININTERVAL="1")
         log = open(self.ws.root / job["log"], "ab")
         try:
-            worker = subprocess.Popen(job["command"], cwd=self.ws.root, env=env, stdin=subprocess.DEVNULL,
+            # the worker runs under this queue's policy (the app's: --workspace-only and its flags)
+            command = [*job["command"], *self.resolver.worker_flags()] if job.get("action") != "export" \
+                else job["command"]
+            worker = subprocess.Popen(command, cwd=self.ws.root, env=env, stdin=subprocess.DEVNULL,
                                       stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         except OSError as err:
             self._update(job["id"], status=FAILED, finished=_now(), error=f"could not start: {err}")

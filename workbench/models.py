@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,9 @@ import torch
 
 from quant.bnb import BitsAndBytesUnavailable, bnb_quantization_config
 
+from . import resolver
 from .recipes import ModelSpec
+from .resolver import HUB_ID
 
 if TYPE_CHECKING:
     from .workspace import Workspace
@@ -42,7 +43,6 @@ BUILTIN_CONFIGS: dict[str, dict] = {
 # PEFT adapters (LoRA, RoAd, prompt tuning) and MixDA folders, which PEFT does not know
 ADAPTER_CONFIG_FILES = ("adapter_config.json", "mixda_config.json")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 class ModelLoadError(RuntimeError):
@@ -167,7 +167,10 @@ def is_encoder(folder: Path | None) -> bool:
 
 
 def resolve_source(ref: str, workspace: "Workspace | None" = None) -> ModelSource:
-    """Turn a model reference into folders to load (see ModelSpec.path for the forms)."""
+    """Turn a model reference into folders to load (see ModelSpec.path for the forms).
+
+    A path (and the base an adapter folder's config names) goes through the resolver in force
+    (`workbench.resolver`); what a run recorded is read as recorded."""
     if ref == "default":
         from .base import ensure_default_base
 
@@ -184,10 +187,11 @@ def resolve_source(ref: str, workspace: "Workspace | None" = None) -> ModelSourc
         return _source_of_run(ref, workspace)
     if ref.startswith("stage:"):
         raise ModelLoadError(f"'{ref}' refers to a pipeline stage and only works inside a pipeline")
-    path = Path(ref).expanduser()
+    path = resolver.current().path(ref, "model")
     if path.exists():
         if not path.is_dir():
             raise ModelLoadError(f"{path}: a model is a folder (config.json + weights), not a file")
+        resolver.current().folder_contents(path, "model")
         config_file = next((path / name for name in ADAPTER_CONFIG_FILES
                             if (path / name).is_file()), None)
         if config_file is not None:
@@ -213,7 +217,8 @@ def _source_of_run(ref: str, workspace: "Workspace") -> ModelSource:
     if "model" in outputs:
         return ModelSource(ref=f"run:{run.id}", folder=run.path(outputs["model"]))
     if "adapter" in outputs:
-        base = resolve_source(outputs["base"], workspace)
+        with resolver.workspace_record():
+            base = resolve_source(outputs["base"], workspace)
         return ModelSource(ref=f"run:{run.id}", folder=base.folder, adapter=run.path(outputs["adapter"]),
                            config_name=base.config_name)
     raise ModelLoadError(f"run {run.id} ({info.get('kind')}) produced no model or adapter")
@@ -289,6 +294,8 @@ def load_tokenizer(folder: Path, trust_remote_code: bool = False):
 def load_model(spec: ModelSpec, workspace: "Workspace | None" = None, task: Task = "causal-lm",
                num_labels: int | None = None, with_adapter: bool = True):
     """Load (model, tokenizer, source) for a ModelSpec. An adapter reference loads base + adapter."""
+    resolver.current().check_remote_code(spec.trust_remote_code)
+    resolver.current().check_pickle(spec.allow_pickle)
     source = resolve_source(spec.path, workspace)
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)

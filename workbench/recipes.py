@@ -11,13 +11,33 @@ import math
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-import yaml
-from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, ValidationError,
-                      field_validator, model_validator)
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter,
+                      ValidationError, field_validator, model_validator)
+
+from . import resolver
+from .yamlio import YamlRefused, dump_yaml, load_yaml, read_yaml_file
 
 
 class RecipeError(ValueError):
     """A recipe that cannot be read or does not validate; the message names file, key and value."""
+
+
+def _model_reference(value: str) -> str:
+    if value.strip():  # an empty value names nothing: the stage says what is missing
+        resolver.current().check_model(value, "model")
+    return value
+
+
+def _data_reference(value: str) -> str:
+    if value.strip():
+        resolver.current().check_data(value, "data")
+    return value
+
+
+# Recipe strings that name a model / adapter or a data source: checked by the resolver in force
+# (`workbench.resolver`) whenever a recipe is validated, and resolved by it again when used.
+ModelRef = Annotated[str, AfterValidator(_model_reference)]
+DataRef = Annotated[str, AfterValidator(_data_reference)]
 
 
 class Strict(BaseModel):
@@ -39,7 +59,7 @@ class ModelSpec(Strict):
     initialised model from the built-in configs in `workbench.models.BUILTIN_CONFIGS`).
     """
 
-    path: str = "default"
+    path: ModelRef = "default"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     load_in: Literal["none", "4bit", "8bit"] = Field(
@@ -50,6 +70,13 @@ class ModelSpec(Strict):
         False, description="Allow .bin/.pt checkpoints (loaded with weights_only=True)."
     )
 
+    @model_validator(mode="after")
+    def _allowed_here(self) -> "ModelSpec":
+        """Remote code and pickles as far as the resolver in force lets recipes turn them on."""
+        resolver.current().check_remote_code(self.trust_remote_code)
+        resolver.current().check_pickle(self.allow_pickle)
+        return self
+
 
 class DataSpec(Strict):
     """Training data. Sources are `world:<split>` (the embedded world) or a .txt / .jsonl file.
@@ -58,8 +85,8 @@ class DataSpec(Strict):
     `format: text` and {"prompt"|"question": ..., "answer": ...} records for `format: instruct`.
     """
 
-    train: str = "world:domain_train"
-    replay: str = "world:general_train"
+    train: DataRef = "world:domain_train"
+    replay: DataRef = "world:general_train"
     replay_ratio: float = Field(
         0.1, ge=0.0, lt=1.0, description="Share of each batch drawn from `replay` (general data)."
     )
@@ -111,7 +138,7 @@ class RoadSpec(Strict):
 class PromptInit(Strict):
     """One earlier task prompt vector (`run:<id>` of a prompt-tuning run, or its folder) and its λ."""
 
-    path: str
+    path: ModelRef
     weight: float = 1.0
 
 
@@ -130,7 +157,7 @@ class PromptSpec(Strict):
     lambda_grid: list[float] = Field(
         default_factory=list,
         description="Search each init_from weight over these values (replaces the given weights).")
-    lambda_validation: str | None = Field(
+    lambda_validation: DataRef | None = Field(
         None, description="Text source scored by the λ search; the training data when unset.")
     lambda_rows: int = Field(16, ge=1, description="Validation rows scored per λ combination.")
 
@@ -149,7 +176,7 @@ class MixdaSpec(Strict):
     layers: list[int] | None = Field(None, description="Layer indices to adapt; all when unset.")
     bottleneck: int = Field(64, ge=1, le=65536)
     lambda_k: float = Field(0.5, ge=0.0, description="Weight λ of the domain LM loss in stage 1.")
-    domain_adapters: list[str] = Field(
+    domain_adapters: list[ModelRef] = Field(
         default_factory=list, description="Stage 2: `run:<id>` or folders of stage-1 MixDA runs.")
     task_lora: LoraSpec | None = Field(
         default_factory=LoraSpec, description="Stage 2: the task adapter trained with the gate.")
@@ -188,8 +215,8 @@ class RegularizerSpec(Strict):
     """
 
     phi: float = Field(1.0, ge=0.0, description="Weight φ of the penalty (0 turns it off).")
-    importance: str | None = None
-    data: str = "world:general_train"
+    importance: DataRef | None = None
+    data: DataRef = "world:general_train"
     steps: int = Field(50, ge=1)
     xi: float = Field(1e-3, gt=0.0, description="Damping ξ in Ω = ω / (Δ² + ξ).")
 
@@ -240,16 +267,16 @@ class TrainSpec(Strict):
 class EvalSpec(Strict):
     """Held-out evaluation: perplexity / bits per byte on text, exact match on questions."""
 
-    general_text: str = "world:general_eval"
-    domain_text: str = "world:domain_eval"
-    questions: list[str] = Field(
+    general_text: DataRef = "world:general_eval"
+    domain_text: DataRef = "world:domain_eval"
+    questions: list[DataRef] = Field(
         default_factory=lambda: [
             "world:general_qa_eval",
             "world:general_cloze_eval",
             "world:domain_cloze_eval",
         ]
     )
-    labelled: str = Field("world:topic_eval",
+    labelled: DataRef = Field("world:topic_eval",
                           description="Held-out labelled examples (sequence classification runs).")
     max_tokens: int = Field(16384, ge=64, description="Token budget per text set.")
     max_questions: int = Field(100, ge=1)
@@ -321,7 +348,7 @@ class EvalRecipe(Strict):
 class MergeInput(Strict):
     """One input to merge: `run:<id>` of a training run, a PEFT LoRA folder or a model folder."""
 
-    path: str
+    path: ModelRef
     weight: float = 1.0
     role: Literal["domain", "instruct"] | None = Field(
         None, description="method instruction_vector: which input is the domain model (or adapter) "
@@ -474,12 +501,16 @@ class MergekitRecipe(Strict):
     @field_validator("config")
     @classmethod
     def _valid_for_mergekit(cls, value: dict) -> dict:
-        from merge.mergekit_bridge import MergekitConfigError, check_mergekit_config
+        """mergekit's schema, then every model reference in it through the resolver in force
+        (the same check whether the config came inline or from a file)."""
+        from merge.mergekit_bridge import MergekitConfigError, check_mergekit_config, reference_paths
 
         try:
             check_mergekit_config(value)
         except MergekitConfigError as err:
             raise ValueError(str(err).replace("\n", "; ")) from None
+        for where, reference in reference_paths(value):
+            resolver.current().check_model(reference, f"config.{where}")
         return value
 
 
@@ -526,7 +557,7 @@ class QuantizeRecipe(Strict):
     weights: WeightQuantSection = Field(default_factory=WeightQuantSection)
     layers: Union[Literal["all-linear"], list[str]] = "all-linear"
     flexround: FlexRoundSection = Field(default_factory=FlexRoundSection)
-    calibration: str = "world:general_train"
+    calibration: DataRef = "world:general_train"
     world: WorldSpec = Field(default_factory=WorldSpec)
     export: list[Literal["compressed-tensors", "dequantized"]] = Field(
         default_factory=lambda: ["compressed-tensors", "dequantized"])
@@ -677,9 +708,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None):
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise RecipeError(f"{path}: not valid YAML: {err}") from None
+        data = read_yaml_file(path)
+    except YamlRefused as err:
+        raise RecipeError(str(err)) from None
     for item in overrides or []:
         apply_override(data, item, str(path))
     return parse_recipe(data, str(path))
@@ -697,9 +728,12 @@ def apply_override(data: dict, item: str, source: str = "--set") -> None:
             node = node[int(part)]
             continue
         node = node.setdefault(part, {})
-    node[parts[-1]] = yaml.safe_load(raw)
+    try:
+        node[parts[-1]] = load_yaml(raw, f"{source}: {key.strip()}")
+    except YamlRefused as err:
+        raise RecipeError(str(err)) from None
 
 
 def recipe_to_yaml(recipe: BaseModel) -> str:
     """The recipe as YAML with every value spelled out, so re-running it reproduces the run."""
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+    return dump_yaml(recipe.model_dump(mode="json"))

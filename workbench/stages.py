@@ -16,6 +16,7 @@ import torch
 
 from adapters import get_method
 
+from . import resolver
 from .data import BatchPlan, DataError, pack_source, read_labelled
 from .engine import (ClassificationObjective, TokenMasker, make_accelerator, process_state,
                      seed_everything, train_loop)
@@ -258,7 +259,7 @@ def importance_file_of(ref: str, ws: Workspace) -> Path:
 
     if ref.startswith("run:"):
         return ws.get(ref.removeprefix("run:")).path(IMPORTANCE_FILE)
-    return Path(ref)
+    return resolver.current().path(ref, "train.regularizer.importance")
 
 
 def adapter_folder_of(ref: str, ws: Workspace) -> Path:

@@ -18,6 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from .resolver import RUN_ID
+
 ENV_HOME = "WORKBENCH_HOME"
 
 
@@ -190,8 +192,11 @@ class Workspace:
         return [Run(p) for p in sorted(self.runs_dir.iterdir()) if (p / "run.json").exists()]
 
     def get(self, ref: str) -> Run:
-        """A run by id, unique prefix, or `run:<id>`."""
-        ref = ref.removeprefix("run:")
+        """A run by id, unique prefix, or `run:<id>`; nothing else (no path leads out of runs/)."""
+        ref = ref.removeprefix("run:") if isinstance(ref, str) else ""
+        if not RUN_ID.fullmatch(ref):
+            raise RunNotFound(f"no run {ref!r}: a run reference is a run id or a unique prefix of "
+                              "one, as `workbench runs` lists them")
         exact = self.runs_dir / ref
         if (exact / "run.json").exists():
             return Run(exact)

@@ -18,9 +18,9 @@ from typing import Any
 
 import gradio as gr
 import pandas as pd
-import yaml
 
 from ..recipes import MergeRecipe, QuantizeRecipe, TrainRecipe
+from ..yamlio import load_yaml
 from . import tabs as more_tabs
 from .service import Refused, Service, recipe_from_file_text
 from .widgets import (MAX_INPUTS, MergeInputsEditor, MergeParametersEditor, RecipeForm,
@@ -294,7 +294,7 @@ def _wire_form(kind: str, form: RecipeForm, ui: dict, service: Service, tabs, jo
             return unchanged(f"✗ `{path or 'upload'}` merges {len(data['inputs'])} inputs; the form "
                              f"shows {MAX_INPUTS}: edit it in the Recipe tab")
         checked = service.check(text)
-        shown = yaml.safe_load(checked["recipe"]) if checked["ok"] else data
+        shown = load_yaml(checked["recipe"]) if checked["ok"] else data
         state = form.canonical(form.form.state_of(shown))
         loaded = {"text": text, "data": data, "state": state, "path": path}
         save_path = _save_name(path) if path else f"recipes/{data.get('name', kind)}.yaml"
@@ -327,7 +327,7 @@ def _wire_form(kind: str, form: RecipeForm, ui: dict, service: Service, tabs, jo
             saved = service.save_recipe(path, text)
         except (Refused, ValueError, OSError) as err:
             return loaded, f"✗ {_code(err)}", gr.update()
-        loaded = {"text": text, "data": yaml.safe_load(text), "state": state, "path": saved}
+        loaded = {"text": text, "data": load_yaml(text), "state": state, "path": saved}
         return loaded, f"Saved `{saved}`", gr.update(choices=service.recipe_choices())
 
     ui["save"].click(save_form, form_inputs, [ui["loaded"], ui["message"], ui["load_path"]],

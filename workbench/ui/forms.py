@@ -27,6 +27,7 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined, to_jsonable_python
 
 from ..recipes import RecipeError, parse_recipe
+from ..yamlio import YamlRefused, load_yaml
 
 SOURCE = "recipe"  # the name errors carry: `recipe: train.lr: ...`
 
@@ -207,10 +208,10 @@ class Form:
                     return None
                 return [] if isinstance(f.default, list) else {} if isinstance(f.default, dict) else None
             try:
-                return yaml.safe_load(text)
-            except yaml.YAMLError as err:
-                problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-                raise ValueError(f"not a valid YAML value ({problem}): {text!r}") from None
+                return load_yaml(text, "value")
+            except YamlRefused as err:
+                problem = str(err).partition("not valid YAML: ")[2] or str(err)
+                raise ValueError(f"not a valid YAML value ({problem.splitlines()[0]}): {text!r}") from None
         if f.widget == "int" and isinstance(raw, float) and raw.is_integer():
             return int(raw)
         if f.widget == "multi":  # in the order of the choices, as the schema lists them
@@ -311,9 +312,9 @@ class Form:
     def validate(self, text: str) -> tuple[Any, list[tuple[str, str]]]:
         """(the validated recipe or None, [(recipe key, message)]) for a YAML recipe text."""
         try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            return None, [("", f"not valid YAML: {err}")]
+            data = load_yaml(text, SOURCE)
+        except YamlRefused as err:
+            return None, [("", str(err).removeprefix(f"{SOURCE}: "))]
         try:
             return parse_recipe(data, SOURCE), []
         except RecipeError as err:

@@ -8,6 +8,10 @@
 - Gradio's analytics, monitoring page, browser-side run history, MCP server and share links are
   off; uploads are capped (`--max-upload-mb`) and land in <workspace>/.gradio; the only folder
   Gradio may serve files from is the workspace.
+- Recipes from the browser are validated and run under the confined resolver
+  (`workbench.resolver`): files only inside the workspace, `run:` references as run ids,
+  `model.trust_remote_code` only with `--allow-remote-code`, pickled checkpoints only with
+  `--allow-pickle`; the job and playground workers run under the same policy.
 - The password is kept in memory only: it is removed from the environment the job workers and
   the playground's generation worker inherit, and is written into no file.
 - Jobs (training, merging, quantizing, evaluating, exporting) run in worker processes one at a
@@ -24,6 +28,8 @@ import socket
 import sys
 import threading
 
+from .. import resolver
+from ..resolver import PICKLE_FLAG, REMOTE_CODE_FLAG, Resolver
 from ..workspace import ENV_HOME, Workspace
 
 ENV_AUTH = "WORKBENCH_AUTH"
@@ -51,6 +57,12 @@ def build_parser(prog: str = "app.py") -> argparse.ArgumentParser:
                              "the port can run jobs and read the workspace)")
     parser.add_argument("--max-upload-mb", type=int, default=200,
                         help="largest file a browser may upload, in MB (default 200)")
+    parser.add_argument(REMOTE_CODE_FLAG, action="store_true",
+                        help="let recipes from the browser set model.trust_remote_code (Python "
+                             "files shipped with a model then run in the job workers)")
+    parser.add_argument(PICKLE_FLAG, action="store_true",
+                        help="let recipes from the browser set model.allow_pickle (pickled "
+                             "checkpoints, loaded with weights_only=True)")
     return parser
 
 
@@ -96,8 +108,11 @@ def settings(argv: list[str] | None = None, prog: str = "app.py") -> dict:
     port = args.port if args.port is not None else int(os.environ.get(ENV_PORT) or DEFAULT_PORT)
     if args.max_upload_mb < 1:
         raise LaunchRefused("--max-upload-mb must be at least 1")
-    return {"host": args.host, "port": port, "workspace": Workspace(args.workspace), "auth": auth,
-            "max_upload_mb": args.max_upload_mb}
+    ws = Workspace(args.workspace)
+    return {"host": args.host, "port": port, "workspace": ws, "auth": auth,
+            "max_upload_mb": args.max_upload_mb,
+            "resolver": Resolver.confined(ws.root, allow_remote_code=args.allow_remote_code,
+                                          allow_pickle=args.allow_pickle)}
 
 
 def prepare_environment(ws: Workspace) -> None:
@@ -122,7 +137,8 @@ def launch_app(config: dict, block: bool = True):
     from .app import CSS, build_app
     from .service import Service
 
-    queue = JobQueue(ws)
+    resolver.install(config["resolver"])  # every recipe this process validates is a browser's
+    queue = JobQueue(ws, resolver=config["resolver"])
     threading.Thread(target=queue.run_forever, name="job-queue", daemon=True).start()
     service = Service(ws, queue)
     atexit.register(service.playground.close)  # the generation worker ends with the app

@@ -236,8 +236,9 @@ class PlaygroundWorker:
     killed (and started again on the next request) when a request runs past `timeout`."""
 
     def __init__(self, workspace: Path, python: str = sys.executable, timeout: float = DEFAULT_TIMEOUT,
-                 secret_env: tuple[str, ...] = ("WORKBENCH_AUTH",)):
+                 secret_env: tuple[str, ...] = ("WORKBENCH_AUTH",), worker_flags: list[str] = ()):
         self.workspace = Path(workspace)
+        self.worker_flags = list(worker_flags)  # the app's resolver policy (Resolver.worker_flags)
         self.python, self.timeout, self.secret_env = python, timeout, secret_env
         self.process: subprocess.Popen | None = None
         self.lock = threading.Lock()
@@ -254,7 +255,7 @@ class PlaygroundWorker:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             process = subprocess.Popen([self.python, "-m", "workbench.ui.playground", "--workspace",
-                                        str(self.workspace)], cwd=self.workspace, env=env,
+                                        str(self.workspace), *self.worker_flags], cwd=self.workspace, env=env,
                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
                                        start_new_session=True, bufsize=0)
         self.process, self._buffer = process, b""
@@ -315,9 +316,13 @@ class PlaygroundWorker:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
+    from workbench import resolver
+
     parser = argparse.ArgumentParser(prog="python -m workbench.ui.playground")
     parser.add_argument("--workspace", required=True)
+    resolver.add_policy_arguments(parser)
     args = parser.parse_args(argv)
+    resolver.install(resolver.policy_from_arguments(args, args.workspace))
     return serve(args.workspace)
 
 

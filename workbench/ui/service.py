@@ -1,7 +1,9 @@
 """What the app does, as plain Python over one workspace: the Gradio layer and its API call these.
 
-Every path a caller gives is checked against the workspace (`paths.inside`); every recipe is
-checked for paths outside it, then validated by the recipe schema, before it is queued. Training,
+Every path a caller gives, and every recipe value that names a file (inside files a recipe names
+too), goes through one resolver (`workbench.resolver`, confined to the workspace, with remote code
+and pickles only as the app's launch flags allow) while the recipe is validated, before it is
+queued; the job workers run under the same policy. Training,
 merging, quantizing, evaluating and exporting run as jobs in worker processes (`workbench.jobs`);
 the playground generates in its own worker process (`playground`). The web process itself never
 imports torch for these.
@@ -19,7 +21,9 @@ import yaml
 from ..cli import _headline
 from ..jobs import JobError, JobQueue
 from ..recipes import KINDS, RecipeError, parse_recipe, recipe_to_yaml
+from ..resolver import PathRefused, Resolver, using
 from ..workspace import RunNotFound, Workspace, write_atomic
+from ..yamlio import MAX_YAML_BYTES, YamlRefused, load_yaml
 from ..world import SPLITS
 from . import compare, exporting, paths
 from .forms import SOURCE, split_errors
@@ -37,20 +41,25 @@ class Refused(ValueError):
 class Service:
     """The app's actions over one workspace and its job queue."""
 
-    def __init__(self, ws: Workspace, queue: JobQueue | None = None, playground=None):
+    def __init__(self, ws: Workspace, queue: JobQueue | None = None, playground=None,
+                 resolver: Resolver | None = None):
         from .playground import PlaygroundWorker
 
         self.ws = ws
         self.root = ws.root
-        self.queue = queue or JobQueue(ws)
-        self.playground = playground or PlaygroundWorker(ws.root)
+        self.resolver = resolver or (queue.resolver if queue is not None else Resolver.confined(ws.root))
+        if not self.resolver.is_confined:
+            raise ValueError("the app's resolver must be confined to the workspace")
+        self.queue = queue or JobQueue(ws, resolver=self.resolver)
+        self.playground = playground or PlaygroundWorker(ws.root, worker_flags=self.resolver.worker_flags())
 
     def get_run(self, ref: str):
         """A run of this workspace by id (or unique prefix, or `run:<id>`); Refused for anything
         that is not a plain run id, so that no reference leads out of runs/."""
-        name = (ref or "").strip().removeprefix("run:") if isinstance(ref, str) else ""
-        if not name or any(c in name for c in "/\\\0") or name.startswith("."):
-            raise Refused(f"no run {ref!r}: give a run id as the Runs tab lists it")
+        try:
+            name = self.resolver.run_id(ref.strip() if isinstance(ref, str) else ref, "run")
+        except PathRefused:
+            raise Refused(f"no run {ref!r}: give a run id as the Runs tab lists it") from None
         try:
             return self.ws.get(name)
         except RunNotFound as err:
@@ -71,16 +80,12 @@ class Service:
         if not isinstance(text, str) or not text.strip():
             return refused([("", "empty recipe")])
         try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            return refused([("", f"not valid YAML: {err}")])
+            data = load_yaml(text, SOURCE)
+        except YamlRefused as err:
+            return refused([("", str(err).removeprefix(f"{SOURCE}: "))])
         try:
-            paths.check_recipe_paths(data, self.root, SOURCE)
-        except paths.PathRefused as err:
-            key, _, message = str(err).removeprefix(f"{SOURCE}: ").partition(": ")
-            return refused([(key, message)])
-        try:
-            recipe = parse_recipe(paths.anchored(data, self.root), SOURCE)
+            with using(self.resolver):
+                recipe = parse_recipe(data, SOURCE)
         except RecipeError as err:
             return refused(split_errors(str(err)))
         return {"ok": True, "kind": recipe.kind, "name": recipe.name, "errors": [],
@@ -92,11 +97,12 @@ class Service:
         checked = self.check(text)
         if not checked["ok"]:
             raise Refused(checked["message"])
-        return self.queue.submit(text, source=source)
+        with using(self.resolver):
+            return self.queue.submit(text, source=source)
 
     def read_recipe(self, path: str) -> str:
         """The text of a recipe file in the workspace."""
-        file = paths.inside(self.root, path, "recipe file")
+        file = self.resolver.path(path, "recipe file")
         if file.suffix not in RECIPE_SUFFIXES:
             raise Refused(f"recipe file: {path!r} is not a .yaml / .yml file")
         if not file.is_file():
@@ -106,7 +112,9 @@ class Service:
     def save_recipe(self, path: str, text: str) -> str:
         """Write a recipe file in the workspace (atomically), exactly as given; the run folders and
         the job queue are not writable. Returns the path relative to the workspace."""
-        file = paths.inside(self.root, path, "save to")
+        if not isinstance(text, str) or len(text.encode("utf-8")) > MAX_YAML_BYTES:
+            raise Refused(f"save to: a recipe is at most {MAX_YAML_BYTES:,} bytes")
+        file = self.resolver.path(path, "save to")
         if file.suffix not in RECIPE_SUFFIXES:
             raise Refused(f"save to: {path!r} must end in .yaml or .yml")
         relative = paths.relative(self.root, file)
@@ -185,12 +193,13 @@ class Service:
         return paths.recipe_files(self.root)
 
     def add_data(self, uploaded: str, name: str | None = None) -> str:
-        """Copy an uploaded .txt / .jsonl file into <workspace>/data/ (never over an existing one)."""
-        source = Path(uploaded)
+        """Copy an uploaded .txt / .jsonl file into <workspace>/data/ (never over an existing one).
+        Uploads land in <workspace>/.gradio/uploads: a path elsewhere is refused."""
+        source = self.resolver.path(uploaded, "upload")
         name = Path(name or source.name).name
         if Path(name).suffix not in DATA_SUFFIXES:
             raise Refused(f"data file: {name!r}: only .txt (one document per line) and .jsonl")
-        target = paths.inside(self.root, f"data/{name}", "data file")
+        target = self.resolver.path(f"data/{name}", "data file")
         if target.exists():
             raise Refused(f"data file: data/{name} already exists; runs that used it keep their "
                           "meaning only if it does not change. Rename the file")
@@ -298,7 +307,9 @@ class Service:
                     ref = f"run:{self.get_run(ref).id}"
                 refs.append(ref)
             else:
-                refs.append(str(paths.inside(self.root, ref, "model")))
+                folder = self.resolver.path(ref, "model")
+                self.resolver.folder_contents(folder, "model")
+                refs.append(str(folder))
         request = {"prompt": prompt, "models": refs, "max_new_tokens": max_new_tokens,
                    "mixed": bool(mixed), "separate": bool(separate) or not mixed}
         try:
@@ -406,7 +417,7 @@ def _ancestors(run_id: str, infos: dict[str, dict]) -> list[dict]:
 def recipe_from_file_text(text: str) -> Any:
     """The dict of a recipe text, or None when it is not a YAML mapping."""
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError:
+        data = load_yaml(text)
+    except YamlRefused:
         return None
     return data if isinstance(data, dict) else None

@@ -14,8 +14,8 @@ import html
 from typing import Any, Callable
 
 import gradio as gr
-import yaml
 
+from ..yamlio import YamlRefused, load_yaml
 from .forms import Form, FormField, Section
 from .service import Service
 
@@ -377,8 +377,8 @@ class MergeInputsEditor(Editor):
 
     def from_text(self, text: Any, state: dict) -> dict:
         try:
-            items = yaml.safe_load(text) if isinstance(text, str) and text.strip() else []
-        except yaml.YAMLError:
+            items = load_yaml(text, "inputs") if isinstance(text, str) and text.strip() else []
+        except YamlRefused:
             items = []
         items = [i for i in items if isinstance(i, dict)] if isinstance(items, list) else []
         values: dict[str, Any] = {"@ed:inputs:count": min(len(items), MAX_INPUTS) if items else 2}
@@ -469,8 +469,8 @@ class MergeParametersEditor(MethodEditor):
 
     def from_text(self, text: Any, state: dict) -> dict:
         try:
-            given = yaml.safe_load(text) if isinstance(text, str) and text.strip() else {}
-        except yaml.YAMLError:
+            given = load_yaml(text, "parameters") if isinstance(text, str) and text.strip() else {}
+        except YamlRefused:
             given = {}
         given = given if isinstance(given, dict) else {}
         return {f"@ed:parameters:{name}": given.get(name, p.default) for name, p in self.params.items()}
