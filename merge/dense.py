@@ -41,7 +41,7 @@ import torch
 
 from .methods import check_parameters, merge_tensors
 from .streaming import (ShardReader, _check_adapter_format, all_finite, lora_concat_adapter,
-                        merge_lora_into_base, model_layout)
+                        merge_lora_into_base, model_layout, row_blocks)
 from .task_vectors import LoraTaskVector
 
 DeltaReader = Callable[[str], "torch.Tensor | None"]
@@ -261,6 +261,35 @@ def pairwise_cosines(readers: list[DeltaReader], names: list[str]) -> list[list[
     denominator = torch.outer(norms, norms)
     cosines = torch.where(denominator > 0, dots / denominator.clamp_min(1e-300), torch.zeros_like(dots))
     return cosines.tolist()
+
+
+def relative_difference(folder: Path, reference: Path) -> float:
+    """‖θ − θ_ref‖ / ‖θ_ref‖ between two models (how far apart two bases are), over the
+    floating-point tensors both hold with one shape, streamed from their safetensors files in
+    blocks of rows (`ShardReader`) and accumulated in float32; 0 when θ_ref is zero. Models
+    without such a tensor in common are refused (ValueError)."""
+    layout, reference_layout = model_layout(Path(folder)), model_layout(Path(reference))
+    shared = [name for name, (_, dtype, shape, _) in reference_layout.items()
+              if dtype in FLOAT_DTYPES and name in layout and layout[name][1] in FLOAT_DTYPES
+              and layout[name][2] == shape]
+    if not shared:
+        raise ValueError(f"{folder} and {reference} share no floating-point tensor of one shape: "
+                         "they are not models of one architecture")
+    read, read_reference = ShardReader(layout), ShardReader(reference_layout)
+    squared_difference = torch.zeros((), dtype=torch.float32)
+    squared_reference = torch.zeros((), dtype=torch.float32)
+    try:
+        for name in shared:
+            for rows in row_blocks(reference_layout[name][2]):
+                theirs = read_reference(name, rows).to(torch.float32)
+                squared_difference += (read(name, rows).to(torch.float32) - theirs).square().sum()
+                squared_reference += theirs.square().sum()
+    finally:
+        read.close()
+        read_reference.close()
+    if squared_reference <= 0:
+        return 0.0
+    return float((squared_difference / squared_reference).sqrt())
 
 
 # ----------------------------------------------------------------------------------------------

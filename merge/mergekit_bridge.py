@@ -34,6 +34,11 @@ Writing ours as mergekit YAML (`to_mergekit_yaml`), option by option (mergekit 0
 | LoRA input (s·B·A) | `<base>+<adapter>`: PEFT's merge_and_unload gives W + s·B·A, so (W + s·B·A) − W |
 | float32 accumulation | `dtype: float32`; `out_dtype` = the base's storage dtype |
 
+The file's first comment is the command that runs it with mergekit's CLI (`mergekit_command`):
+`mergekit-yaml mergekit.yaml mergekit-merged`, plus `--lora-merge-cache` and `--lora-merge-dtype
+float32` when LoRA inputs are merged as `base+lora` (mergekit refuses adapters without a cache
+folder) and `--random-seed` for DARE.
+
 mergekit computes each tensor as we do (delta, weights, vote, divisor, λ in float32, added to the
 base, cast once to the storage dtype), so task arithmetic and TIES over full models agree bit for bit
 except where TIES's top-k cut falls among equal non-zero magnitudes (we keep the earlier entries,
@@ -51,6 +56,7 @@ import copy
 import difflib
 import json
 import random
+import shlex
 import shutil
 import tempfile
 import typing
@@ -74,6 +80,8 @@ STORAGE_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64":
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "added_tokens.json", "chat_template.jinja")
 TAGALONG_FILES = ("generation_config.json",)
+MERGEKIT_OUT = "mergekit-merged"          # where the written command puts mergekit's model
+MERGEKIT_LORA_CACHE = "mergekit-lora-cache"  # and the LoRA inputs merged into their base
 
 
 class MergekitConfigError(ValueError):
@@ -642,10 +650,26 @@ def to_mergekit_yaml(recipe, sources, base, weights: list[float] | None = None,
     config = {"merge_method": method, "base_model": _reference_value(Path(base.folder), None),
               "models": models, "parameters": shared, "dtype": "float32",
               "out_dtype": _storage_dtype(base.folder)}
+    has_lora = any(source.adapter is not None for source in sources)
     header = [f"# mergekit equivalent of the workbench merge '{recipe.name}' "
-              f"({recipe.method}, seed {recipe.seed}); run it with mergekit-yaml "
-              f"(mergekit >= {MIN_MERGEKIT}) or a workbench `kind: mergekit` stage."]
+              f"({recipe.method}, seed {recipe.seed}); run it from this folder with mergekit "
+              f">= {MIN_MERGEKIT}:",
+              "#   " + mergekit_command(has_lora, None if exact else recipe.seed),
+              "# or as a workbench `kind: mergekit` stage."]
     return "\n".join(header + notes) + "\n" + yaml.safe_dump(config, sort_keys=False)
+
+
+def mergekit_command(has_lora: bool, seed: int | None = None, config: str = "mergekit.yaml",
+                     out: str = MERGEKIT_OUT) -> str:
+    """The `mergekit-yaml` command line that runs a written config as we run it: LoRA inputs
+    (`base+lora`) need `--lora-merge-cache` (mergekit refuses them without one) and are merged in
+    float32 (`--lora-merge-dtype`); a randomised method (DARE) gets the seed."""
+    words = ["mergekit-yaml", config, out]
+    if has_lora:
+        words += ["--lora-merge-cache", MERGEKIT_LORA_CACHE, "--lora-merge-dtype", "float32"]
+    if seed is not None:
+        words += ["--random-seed", str(seed)]
+    return shlex.join(words)
 
 
 def write_mergekit_yaml(recipe, sources, base, run, weights: list[float] | None = None,

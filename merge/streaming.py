@@ -478,15 +478,20 @@ def _merged_blocks(name: str, read: ShardReader, factors, extra_deltas) -> Itera
     is the same merge. Used when `extra_deltas` is None or reads by rows (`by_rows`); otherwise
     (TIES, DARE, RoAd deltas need the whole tensor) the tensor is one block.
     """
-    shape = read.layout[name][2]
     by_rows = extra_deltas is None or getattr(extra_deltas, "by_rows", False)
-    if not by_rows or not shape or shape[0] <= 1:
-        yield _merged_tensor(name, read(name), factors, extra_deltas)
+    for rows in row_blocks(read.layout[name][2]) if by_rows else [None]:
+        yield _merged_tensor(name, read(name, rows), factors, extra_deltas, rows)
+
+
+def row_blocks(shape: list[int]) -> Iterator[tuple[int, int] | None]:
+    """Consecutive blocks of rows (start, stop) of about `BLOCK_ELEMENTS` elements covering a
+    tensor of `shape`; a single None (the whole tensor) for a scalar or a tensor of one row."""
+    if not shape or shape[0] <= 1:
+        yield None
         return
     step = max(1, BLOCK_ELEMENTS // max(1, math.prod(shape[1:])))
     for start in range(0, shape[0], step):
-        rows = (start, min(start + step, shape[0]))
-        yield _merged_tensor(name, read(name, rows), factors, extra_deltas, rows)
+        yield start, min(start + step, shape[0])
 
 
 def _merged_tensor(name: str, base: torch.Tensor, factors, extra_deltas,

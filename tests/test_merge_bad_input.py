@@ -104,8 +104,10 @@ def assert_nothing_written(out: Path) -> None:
 # Different bases, shapes, vocabularies: pre-flight, before any weight is read
 
 
-def test_adapters_trained_on_different_bases_are_refused(world, tmp_path, no_weight_reads):
-    from workbench.recipes import MergeInput, MergeRecipe, ModelSpec
+def test_adapters_trained_on_different_bases_are_refused(world, tmp_path):
+    """Bases of one architecture pass the pre-flight checks; the refusal then measures how far
+    apart they are, which reads their weights (tests/test_merge_bases.py checks the measure)."""
+    from workbench.recipes import MergeInput, MergeRecipe
     from workbench.stages import run_merge
     from workbench.workspace import Workspace
 
@@ -119,10 +121,23 @@ def test_adapters_trained_on_different_bases_are_refused(world, tmp_path, no_wei
     recipe = MergeRecipe(inputs=[MergeInput(path=str(world["lora"])), MergeInput(path=str(other_lora))])
     with pytest.raises(ModelLoadError, match=r"the inputs come from different bases .*other_base"):
         run_merge(recipe, ws)
+    assert not ws.runs(), "no run was started"
+
+
+def test_adapters_trained_on_a_base_of_another_architecture_are_refused(world, tmp_path, no_weight_reads):
+    from workbench.recipes import MergeInput, MergeRecipe, ModelSpec
+    from workbench.stages import run_merge
+    from workbench.workspace import Workspace
+
+    ws = Workspace(tmp_path / "ws")
     # onto an explicit base of another architecture: the adapter's own base config says so
     wide_base = save_model(tiny(hidden=48), tmp_path / "wide_base")
     wide_lora = lora_on(wide_base, tiny(hidden=48), tmp_path / "wide_lora")
     recipe = MergeRecipe(base=ModelSpec(path=str(world["base"])), inputs=[MergeInput(path=str(wide_lora))])
+    with pytest.raises(ValueError, match=r"wide_base/config.json: hidden_size 48, but the base .*has 32"):
+        run_merge(recipe, ws)
+    # without `base:`, next to an adapter of the other architecture: the same, before any weight is read
+    recipe = MergeRecipe(inputs=[MergeInput(path=str(world["lora"])), MergeInput(path=str(wide_lora))])
     with pytest.raises(ValueError, match=r"wide_base/config.json: hidden_size 48, but the base .*has 32"):
         run_merge(recipe, ws)
     assert not ws.runs(), "no run was started"

@@ -17,6 +17,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -215,6 +219,31 @@ def test_lora_inputs_are_exported_as_base_plus_lora(family, tmp_path):
     dense = [LoraTaskVector.from_peft_folder(a).dense()[name] for a in adapters]
     by_hand = folder_tensors(base)[name] + 0.9 * (0.7 * dense[0] + 0.4 * dense[1])
     assert (folder_tensors(tmp_path / "theirs-task_arithmetic")[name] - by_hand).abs().max() <= TOLERANCE
+
+
+def _command_in_comment(mergekit_yaml: Path) -> list[str]:
+    """The one `mergekit-yaml ...` command the file's comments tell the user to run."""
+    commands = [line.lstrip("#").strip() for line in mergekit_yaml.read_text().splitlines()
+                if line.startswith("#") and line.lstrip("# ").startswith("mergekit-yaml ")]
+    assert len(commands) == 1, mergekit_yaml.read_text()
+    return shlex.split(commands[0])
+
+
+def test_the_command_written_beside_a_lora_merge_runs_and_gives_our_model(family, tmp_path):
+    """mergekit-yaml merges `base+lora` references only with --lora-merge-cache; the command in the
+    comment is run as written (from the run folder, with mergekit's own CLI) and must give our model."""
+    base, _ = family
+    adapters = [_lora(base, tmp_path / f"lora-{i}", seed=10 + i) for i in range(2)]
+    run = run_merge(MergeRecipe(name="cli", parameters={"scale": 0.9},
+                                inputs=[MergeInput(path=str(a), weight=w)
+                                        for a, w in zip(adapters, [0.7, -0.4])]), Workspace(tmp_path / "ws"))
+    command = _command_in_comment(run.path("mergekit.yaml"))
+    assert command[:2] == ["mergekit-yaml", "mergekit.yaml"] and "--lora-merge-cache" in command
+    cli = Path(sys.executable).with_name("mergekit-yaml")  # mergekit's entry point in this environment
+    done = subprocess.run([str(cli), *command[1:]], cwd=run.folder, capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _max_diff(run.path("model"), run.folder / command[2]) <= TOLERANCE
 
 
 def test_instruction_vector_is_exported_as_task_arithmetic(family, tmp_path):

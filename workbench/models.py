@@ -166,11 +166,16 @@ def is_encoder(folder: Path | None) -> bool:
     return config.get("model_type") in ENCODER_MODEL_TYPES
 
 
-def resolve_source(ref: str, workspace: "Workspace | None" = None) -> ModelSource:
+def resolve_source(ref: str, workspace: "Workspace | None" = None, *,
+                   adapter_base: ModelSource | None = None) -> ModelSource:
     """Turn a model reference into folders to load (see ModelSpec.path for the forms).
 
     A path (and the base an adapter folder's config names) goes through the resolver in force
-    (`workbench.resolver`); what a run recorded is read as recorded."""
+    (`workbench.resolver`); what a run recorded is read as recorded. `adapter_base`: for an adapter
+    (folder or run), the base to put under it instead of the one its `adapter_config.json` (or
+    run) records, which is then not resolved at all: no download of a base the caller did not ask
+    for.
+    """
     if ref == "default":
         from .base import ensure_default_base
 
@@ -184,7 +189,7 @@ def resolve_source(ref: str, workspace: "Workspace | None" = None) -> ModelSourc
     if ref.startswith("run:"):
         if workspace is None:
             raise ModelLoadError(f"'{ref}' needs a workspace")
-        return _source_of_run(ref, workspace)
+        return _source_of_run(ref, workspace, adapter_base)
     if ref.startswith("stage:"):
         raise ModelLoadError(f"'{ref}' refers to a pipeline stage and only works inside a pipeline")
     path = resolver.current().path(ref, "model")
@@ -192,23 +197,22 @@ def resolve_source(ref: str, workspace: "Workspace | None" = None) -> ModelSourc
         if not path.is_dir():
             raise ModelLoadError(f"{path}: a model is a folder (config.json + weights), not a file")
         resolver.current().folder_contents(path, "model")
-        config_file = next((path / name for name in ADAPTER_CONFIG_FILES
-                            if (path / name).is_file()), None)
-        if config_file is not None:
-            config = json.loads(config_file.read_text())
-            base = config.get("base_model_name_or_path")
-            if not base:
-                raise ModelLoadError(f"{config_file}: names no base model (base_model_name_or_path)")
-            base_source = resolve_source(base, workspace)
-            return ModelSource(ref=str(path.resolve()), folder=base_source.folder, adapter=path.resolve(),
-                               config_name=base_source.config_name)
-        return ModelSource(ref=str(path.resolve()), folder=path.resolve())
+        if any((path / name).is_file() for name in ADAPTER_CONFIG_FILES):
+            if adapter_base is None:
+                base = recorded_base(path)
+                if not base:
+                    raise ModelLoadError(f"{path}: the adapter's config names no base model "
+                                         "(base_model_name_or_path)")
+                adapter_base = resolve_source(base, workspace)
+            return ModelSource(ref=str(path), folder=adapter_base.folder, adapter=path,
+                               config_name=adapter_base.config_name)
+        return ModelSource(ref=str(path), folder=path)
     if HUB_ID.match(ref) and not ref.startswith((".", "/", "~")):
         return ModelSource(ref=ref, folder=_download_from_hub(ref))
     raise ModelLoadError(f"model '{ref}' not found: no such folder, and not a hub id (org/name)")
 
 
-def _source_of_run(ref: str, workspace: "Workspace") -> ModelSource:
+def _source_of_run(ref: str, workspace: "Workspace", adapter_base: ModelSource | None = None) -> ModelSource:
     run = workspace.get(ref)
     info = run.info
     if info.get("status") != "done":
@@ -217,11 +221,34 @@ def _source_of_run(ref: str, workspace: "Workspace") -> ModelSource:
     if "model" in outputs:
         return ModelSource(ref=f"run:{run.id}", folder=run.path(outputs["model"]))
     if "adapter" in outputs:
-        with resolver.workspace_record():
-            base = resolve_source(outputs["base"], workspace)
+        if adapter_base is not None:
+            base = adapter_base
+        else:
+            with resolver.workspace_record():
+                base = resolve_source(outputs["base"], workspace)
         return ModelSource(ref=f"run:{run.id}", folder=base.folder, adapter=run.path(outputs["adapter"]),
                            config_name=base.config_name)
     raise ModelLoadError(f"run {run.id} ({info.get('kind')}) produced no model or adapter")
+
+
+def recorded_base(folder: Path) -> str | None:
+    """The base an adapter folder records (`base_model_name_or_path` of its config file), or None."""
+    config_file = next((Path(folder) / name for name in ADAPTER_CONFIG_FILES
+                        if (Path(folder) / name).is_file()), None)
+    if config_file is None:
+        return None
+    return json.loads(config_file.read_text()).get("base_model_name_or_path") or None
+
+
+def resolve_local_source(ref: str, workspace: "Workspace | None" = None) -> ModelSource | None:
+    """`resolve_source` without the network: a hub id only from the local hub cache. None when
+    `ref` cannot be resolved on this machine (not downloaded, a folder that is gone, ...)."""
+    try:
+        if HUB_ID.match(ref) and not Path(ref).expanduser().exists():
+            return ModelSource(ref=ref, folder=_download_from_hub(ref, local_only=True))
+        return resolve_source(ref, workspace)
+    except (ModelLoadError, LookupError):
+        return None
 
 
 def _hub_offline() -> bool:
@@ -230,14 +257,15 @@ def _hub_offline() -> bool:
     return value.strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
-def _download_from_hub(repo_id: str) -> Path:
-    """Fetch a hub model's configs, tokenizer and safetensors; a clear error when offline."""
+def _download_from_hub(repo_id: str, local_only: bool = False) -> Path:
+    """Fetch a hub model's configs, tokenizer and safetensors; a clear error when offline.
+    `local_only`: from the local hub cache only, never from the network."""
     try:
         from huggingface_hub import snapshot_download
 
         folder = snapshot_download(
             repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"],
-            local_files_only=_hub_offline(),
+            local_files_only=local_only or _hub_offline(),
         )
     except Exception as err:  # noqa: BLE001 - every hub failure becomes one clear message
         raise ModelLoadError(

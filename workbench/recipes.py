@@ -410,6 +410,9 @@ class MergeRecipe(Strict):
     inputs marked `role: domain` and `role: instruct` (full models or LoRA adapters of one base)
     and `parameters: {alpha: α}` (default 1). Its evaluation puts base, instruct, domain and
     merged side by side. `search` sweeps weights or a parameter first (see MergeSearch).
+
+    Inputs trained on a base other than the one merged onto (each other's, or `base:`'s) are
+    refused with how far apart the bases are, unless `allow_different_bases: true`.
     """
 
     kind: Literal["merge"] = "merge"
@@ -417,6 +420,10 @@ class MergeRecipe(Strict):
     seed: int = 0
     base: ModelSpec | None = Field(
         None, description="Merge onto this model; by default the inputs' own (shared) base.")
+    allow_different_bases: bool = Field(
+        False, description="Merge inputs trained on bases other than the one merged onto (each "
+        "other's, or `base:`'s). Off: such a merge is refused with how far apart the bases are "
+        "(‖θ_a − θ_b‖ / ‖θ_b‖); on: it runs and the log and summary record that difference.")
     inputs: list[MergeInput] = Field(min_length=1)
     method: Literal["task_arithmetic", "ties", "dare", "dare_ties", "instruction_vector"] = "task_arithmetic"
     parameters: dict[str, float | str] = Field(default_factory=dict)

@@ -10,6 +10,7 @@ import json
 import math
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,7 +23,8 @@ from .engine import (ClassificationObjective, TokenMasker, make_accelerator, pro
                      seed_everything, train_loop)
 from .evaluate import (classifier_metrics, classifier_report, embedding_cosine, evaluate_model,
                        format_classifier_report, format_report, gain_forgetting, masked_lm_metrics)
-from .models import ModelLoadError, is_encoder, load_model, max_sequence_length, resolve_source
+from .models import (ModelLoadError, ModelSource, is_encoder, load_model, max_sequence_length,
+                     recorded_base, resolve_local_source, resolve_source)
 from .recipes import (EvalRecipe, MergekitRecipe, MergeRecipe, ModelSpec, PipelineRecipe,
                       TrainRecipe, TrainSpec, load_recipe, recipe_to_yaml)
 from .workspace import Run, Workspace, write_atomic, write_json
@@ -327,8 +329,10 @@ def run_merge(recipe: MergeRecipe, ws: Workspace, run: Run | None = None, resume
     from merge.instruction_vector import check_merge_parameters
     from merge.preflight import check_same_tokenizer, input_kind, plan_of
 
-    sources = [resolve_source(item.path, ws) for item in recipe.inputs]
-    base = _merge_base(recipe, sources, ws)
+    explicit_base = resolve_source(recipe.base.path, ws) if recipe.base is not None else None
+    # with `base:` the adapters go onto it: their own recorded bases are not resolved (nor fetched)
+    sources = [resolve_source(item.path, ws, adapter_base=explicit_base) for item in recipe.inputs]
+    base, bases = _merge_base(recipe, sources, ws, explicit_base)
     folders = [s.adapter or s.folder for s in sources]
     check_same_tokenizer(base.folder, folders)
     kinds = [input_kind(f) for f in folders]
@@ -354,6 +358,9 @@ def run_merge(recipe: MergeRecipe, ws: Workspace, run: Run | None = None, resume
         run = ws.create_run("merge", recipe.name, recipe_to_yaml(recipe), recipe.seed,
                             parents=_parents(*refs))
     with ws.running(run):
+        for line in bases.log_lines():
+            run.log(line)
+            say(line)
         output = run.path(recipe.output)
         weights = [item.weight for item in recipe.inputs]
         params = check_merge_parameters(recipe.method, recipe.parameters)
@@ -376,6 +383,8 @@ def run_merge(recipe: MergeRecipe, ws: Workspace, run: Run | None = None, resume
                                  "points": len(search.points), "domain_gain_pct": chosen.domain_gain_pct,
                                  "general_forgetting_pct": chosen.general_forgetting_pct,
                                  "files": ["search.json", "search.md", "pareto.png"]}
+        if bases.differences:
+            summary["different_bases"] = bases.differences
         summary.update(_truncation_summary(recipe, output))
         if len(sources) > 1:
             summary["task_vector_cosine"] = _task_vector_cosines(sources, base)
@@ -436,40 +445,129 @@ def _evaluate_merge(recipe: MergeRecipe, sources, base, output: Path, ws: Worksp
     return added
 
 
-def _merge_base(recipe: MergeRecipe, sources, ws: Workspace):
-    """The model to merge onto: `base:` if given, else the base all inputs share; the inputs are
-    checked against it before any run starts (`merge.preflight.check_merge_inputs`: kinds that can
-    be combined, architectures, tensor names and shapes from configs and safetensors headers)."""
+def _merge_base(recipe: MergeRecipe, sources, ws: Workspace, explicit: ModelSource | None):
+    """The model to merge onto and what was found about the inputs' own bases (`BaseCheck`).
+
+    `base:` if given (`explicit`), else the base all inputs share. The inputs are checked against
+    it before any run starts (`merge.preflight.check_merge_inputs`: kinds that can be combined,
+    architectures of the inputs and of the bases they were trained on, tensor names and shapes,
+    from configs and safetensors headers); then the inputs' own bases that differ from it are
+    measured and refused unless the recipe allows different bases (`_refuse_different_bases`)."""
     from merge.preflight import check_merge_inputs
 
-    base = resolve_source(recipe.base.path, ws) if recipe.base is not None else \
-        _shared_base(recipe, sources, ws)
+    own, unchecked = _own_bases(recipe, sources, ws, explicit)
+    base = explicit if explicit is not None else own[0]
     if base.folder is not None:
+        trained_on = [s.folder if s.adapter is None else (o.folder if o is not None else None)
+                      for s, o in zip(sources, own)]
         kinds, _ = check_merge_inputs(base.folder, [s.adapter or s.folder for s in sources],
-                                      [s.folder for s in sources], recipe.method, recipe.output)
+                                      trained_on, recipe.method, recipe.output)
         if getattr(recipe, "search", None) is not None and {"prompt", "mixda"} & set(kinds):
             raise ValueError("search: sweeps merges of model weights; task prompt vectors and "
                              "MixDA folders merge outside the model's weights")
-    return base
+    check = BaseCheck(differences=_different_bases(base, own), unchecked=unchecked)
+    _refuse_different_bases(recipe, base, check.differences, explicit)
+    return base, check
 
 
-def _shared_base(recipe: MergeRecipe, sources, ws: Workspace):
-    """The base all inputs share (their adapters' base, or a model run's recorded base)."""
-    bases = []
+@dataclass
+class BaseCheck:
+    """The inputs' own bases against the base merged onto: those whose weights differ from it
+    (`differences`: base, trained_on, inputs, relative_difference = ‖θ_trained_on − θ_base‖ /
+    ‖θ_base‖) and the recorded bases that could not be resolved on this machine (`unchecked`)."""
+
+    differences: list[dict]
+    unchecked: list[str]
+
+    def log_lines(self) -> list[str]:
+        """One line per base that differs or was not checked, for the run log and the terminal."""
+        return [f"merging onto a different base than inputs {', '.join(map(str, d['inputs']))} were "
+                f"trained on (allow_different_bases): {_difference_text(d)}" for d in self.differences] + \
+            self.unchecked
+
+
+def _own_bases(recipe: MergeRecipe, sources, ws: Workspace, explicit: ModelSource | None):
+    """(each input's own base or None where unknown, lines on recorded bases not checked).
+
+    Without `base:` an adapter's own base is the one it was resolved onto and a model's the base
+    its run recorded; a model without one is refused. With `base:` the bases the inputs record
+    are resolved only where that needs no download (`resolve_local_source`); the others are
+    reported as not checked."""
+    own, unchecked = [], []
     for i, (item, source) in enumerate(zip(recipe.inputs, sources)):
-        outputs = ws.get(item.path).info.get("outputs", {}) if item.path.startswith("run:") else {}
-        if source.adapter is not None:
-            bases.append(resolve_source(str(source.folder), ws))
-        elif "base" in outputs:
-            bases.append(resolve_source(outputs["base"], ws))
-        else:
-            raise ValueError(f"inputs.{i}.path '{item.path}' is a model whose base is unknown; "
-                             "set `base:` to the model it was fine-tuned from")
-    folders = sorted({str(Path(b.folder).resolve()) for b in bases})  # a symlinked run is the same base
-    if len(folders) > 1:
-        raise ModelLoadError(f"the inputs come from different bases ({', '.join(folders)}); "
-                             "set `base:` to merge onto one of them")
-    return bases[0]
+        recorded = _recorded_base_of(item.path, source, ws)
+        if explicit is None:
+            if source.adapter is None and recorded is None:
+                raise ValueError(f"inputs.{i}.path '{item.path}' is a model whose base is unknown; "
+                                 "set `base:` to the model it was fine-tuned from")
+            own.append(resolve_source(str(source.folder) if source.adapter is not None else recorded, ws))
+            continue
+        found = resolve_local_source(recorded, ws) if recorded is not None else None
+        if recorded is not None and found is None:
+            unchecked.append(f"inputs.{i} ({item.path}): base not checked: its recorded base "
+                             f"'{recorded}' is not available on this machine (nothing is "
+                             f"downloaded for it); merging onto base: {explicit.ref}")
+        own.append(found)
+    return own, unchecked
+
+
+def _recorded_base_of(path: str, source: ModelSource, ws: Workspace) -> str | None:
+    """The base an input records: a run's `outputs.base`, an adapter folder's config's
+    `base_model_name_or_path`; None for a model that records none."""
+    if path.startswith("run:"):
+        return ws.get(path).info.get("outputs", {}).get("base")
+    return recorded_base(source.adapter) if source.adapter is not None else None
+
+
+def _different_bases(base: ModelSource, own: list) -> list[dict]:
+    """The inputs' own bases whose weights differ from the base's, each once with the inputs
+    trained on it and ‖θ_own − θ_base‖ / ‖θ_base‖ (`merge.dense.relative_difference`, streamed
+    tensor by tensor in float32). A copy of the base in another folder (difference 0) is the base."""
+    from merge.dense import relative_difference
+
+    if base.folder is None:
+        return []
+    target = Path(base.folder).resolve()
+    others: dict[Path, tuple[ModelSource, list[int]]] = {}
+    for i, source in enumerate(own):
+        if source is None or source.folder is None or Path(source.folder).resolve() == target:
+            continue
+        others.setdefault(Path(source.folder).resolve(), (source, []))[1].append(i)
+    differences = []
+    for folder, (source, inputs) in others.items():
+        value = relative_difference(folder, target)
+        if value > 0:
+            differences.append({"base": base.ref, "trained_on": source.ref, "inputs": inputs,
+                                "relative_difference": value})
+    return differences
+
+
+def _difference_text(difference: dict) -> str:
+    return (f"‖θ_a − θ_b‖ / ‖θ_b‖ = {difference['relative_difference']:.4g} for a = "
+            f"{difference['trained_on']}, b = {difference['base']}")
+
+
+def _refuse_different_bases(recipe: MergeRecipe, base: ModelSource, differences: list[dict],
+                            explicit: ModelSource | None) -> None:
+    """Refuse inputs trained on other bases than the one merged onto unless
+    `allow_different_bases`; without `base:`, always (which base to merge onto is the user's
+    choice). The message says how far apart the bases are."""
+    if not differences:
+        return
+    measured = "; ".join(map(_difference_text, differences))
+    if explicit is None:
+        names = sorted({base.ref} | {d["trained_on"] for d in differences})
+        hint = ("set `base:` to the one to merge onto" if recipe.allow_different_bases else
+                "set `base:` to merge onto one of them, and `allow_different_bases: true` to merge "
+                "task vectors learnt on another base")
+        raise ModelLoadError(f"the inputs come from different bases ({', '.join(names)}): "
+                             f"{measured}; {hint}")
+    if not recipe.allow_different_bases:
+        inputs = sorted({i for d in differences for i in d["inputs"]})
+        raise ModelLoadError(
+            f"inputs {', '.join(map(str, inputs))} were trained on other bases than base: {base.ref} "
+            f"({measured}); their task vectors were learnt on those weights, not on the base's. "
+            "Set `allow_different_bases: true` to merge them onto it anyway")
 
 
 def _task_vector_cosines(sources, base) -> list[list[float]]:
