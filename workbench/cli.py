@@ -156,9 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         return app_main(argv[1:], prog="workbench app")
     args = build_parser().parse_args(argv)
     try:
-        if getattr(args, "workspace_only", False):
-            resolver.install(resolver.policy_from_arguments(args, _workspace(args).root))
-        return args.func(args)
+        with resolver.installed(resolver.policy_from_arguments(args, _workspace(args).root)):
+            return args.func(args)
     except KeyboardInterrupt:
         print("\nstopped. Resume with: workbench resume <run-id> (see `workbench runs`)", file=sys.stderr)
         return 130

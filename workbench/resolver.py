@@ -178,9 +178,21 @@ def current() -> Resolver:
 
 
 def install(resolver: Resolver) -> None:
-    """Make `resolver` the process's policy (a job worker does this before reading its recipe)."""
+    """Make `resolver` the process's policy, every thread included (the app does this at launch)."""
     global _installed
     _installed = resolver
+
+
+@contextmanager
+def installed(resolver: Resolver) -> Iterator[Resolver]:
+    """`install` for the code inside the block, then the previous policy again (a worker's
+    command, which may run inside a longer-lived process such as a test)."""
+    previous = _installed
+    install(resolver)
+    try:
+        yield resolver
+    finally:
+        install(previous)
 
 
 @contextmanager
