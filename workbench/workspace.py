@@ -8,13 +8,15 @@ is written atomically (temporary file + rename); a run is only marked `done` by 
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import json
 import os
 import platform
 import secrets
+import shutil
 import socket
 import traceback
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -25,17 +27,51 @@ class RunNotFound(LookupError):
     """No run matches the id or prefix given."""
 
 
+class WriteFailed(OSError):
+    """A file could not be written. The message names the file, and says so when the disk is full."""
+
+    def __str__(self) -> str:
+        return self.strerror
+
+    @classmethod
+    def of(cls, err: OSError, path: Path) -> "WriteFailed":
+        """The same failure (same errno) told with the path the caller meant to write."""
+        if err.errno == errno.ENOSPC:
+            reason = "the disk is full (no space left on device); free some space and try again"
+        else:
+            reason = err.strerror or str(err)
+        return cls(err.errno, f"cannot write {path}: {reason}", str(path))
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Write every byte of `data` to `fd` (os.write may write only part of it)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write a file so readers see the old content or the new one, never half of it."""
+    """Write a file so readers see the old content or the new one, never half of it.
+
+    On failure (a full disk, no permission) the temporary file is removed and a `WriteFailed`
+    naming `path` is raised.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    mode = "wb" if isinstance(data, bytes) else "w"
-    with open(tmp, mode, **({} if isinstance(data, bytes) else {"encoding": "utf-8"})) as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        try:
+            _write_all(fd, payload)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as err:
+        with suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise WriteFailed.of(err, path) from err
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -161,17 +197,25 @@ class Workspace:
 
     def create_run(self, kind: str, name: str, recipe_yaml: str, seed: int,
                    parents: list[str] | None = None) -> Run:
-        """Make a new run folder with its recipe and a `created` run.json."""
+        """Make a new run folder with its recipe and a `created` run.json. If that fails part way
+        (a full disk), the folder is removed and the error names the file it could not write."""
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in name)[:40]
         run_id = f"{stamp}-{kind}-{safe}-{secrets.token_hex(2)}"
         folder = self.runs_dir / run_id
-        folder.mkdir(parents=True)
-        write_atomic(folder / "recipe.yaml", recipe_yaml)
-        write_json(folder / "run.json", {
-            "id": run_id, "kind": kind, "name": name, "status": "created", "seed": seed,
-            "parents": parents or [], "created": _now(), "versions": library_versions(),
-        })
+        try:
+            folder.mkdir(parents=True)
+        except OSError as err:
+            raise WriteFailed.of(err, folder) from err
+        try:
+            write_atomic(folder / "recipe.yaml", recipe_yaml)
+            write_json(folder / "run.json", {
+                "id": run_id, "kind": kind, "name": name, "status": "created", "seed": seed,
+                "parents": parents or [], "created": _now(), "versions": library_versions(),
+            })
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)  # no half-made run is left behind
+            raise
         return Run(folder)
 
     @contextmanager
