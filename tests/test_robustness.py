@@ -1,14 +1,128 @@
 """What a full disk, a power loss, a kill or damaged files leave behind, and how the workbench
-copes."""
+copes: torn metrics lines, half-created runs."""
 
 from __future__ import annotations
 
 import errno
+import json
 import os
+import socket
 
 import pytest
 
-from workbench.workspace import Workspace
+from conftest import tiny_train_recipe
+from workbench import engine
+from workbench.cli import main
+from workbench.jobs import loss_curve
+from workbench.stages import run_train
+from workbench.workspace import JsonlError, Workspace
+
+NO_SUCH_PID = 2**22 + 12345
+TORN = '{"step": 5, "loss": 1.2'
+
+
+class Killed(Exception):
+    """Stands for the process being killed in the middle of a step."""
+
+
+def _losses(run) -> list[float]:
+    return [m["loss"] for m in run.metrics() if "loss" in m]
+
+
+def _as_if_killed(run) -> None:
+    """What a SIGKILL leaves in run.json: `running`, with a process that no longer exists."""
+    run.update(status="running", pid=NO_SUCH_PID, host=socket.gethostname(), error=None,
+               finished=None)
+
+
+def _log(run) -> str:
+    path = run.path("run.log")
+    return path.read_text(encoding="utf-8") if path.exists() else ""
+
+
+def _metric_rows(steps) -> str:
+    return "".join(json.dumps({"step": s, "loss": 2.0 - s / 10}) + "\n" for s in steps)
+
+
+# ----------------------------------------------------------------------------------------------
+# A torn last line in metrics.jsonl
+
+
+def test_torn_metrics_line_is_skipped_noted_once_and_resume_gives_the_uninterrupted_curve(
+        workspace, monkeypatch, capsys):
+    reference = run_train(tiny_train_recipe(name="reference"), workspace)
+    real = engine.token_loss_sum
+    calls = {"n": 0}
+
+    def killed_in_step_5(model, inputs, labels):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise Killed("killed during step 5")
+        return real(model, inputs, labels)
+
+    monkeypatch.setattr(engine, "token_loss_sum", killed_in_step_5)
+    with pytest.raises(Killed):
+        run_train(tiny_train_recipe(name="killed"), workspace)
+    monkeypatch.setattr(engine, "token_loss_sum", real)
+    run = next(r for r in workspace.runs() if r.info["name"] == "killed")
+    _as_if_killed(run)
+    with open(run.path("metrics.jsonl"), "a", encoding="utf-8") as f:
+        f.write(TORN)  # the row of step 5, cut short by a full disk
+    assert run.status == "interrupted"
+
+    assert main(["show", run.id, "-w", str(workspace.root)]) == 0
+    assert "# last step 4: loss" in capsys.readouterr().out
+    assert main(["resume", run.id, "-w", str(workspace.root)]) == 0
+
+    assert run.info["status"] == "done"
+    assert _losses(run) == pytest.approx(_losses(reference), rel=1e-6, abs=1e-7)
+    text = run.path("metrics.jsonl").read_text(encoding="utf-8")
+    assert TORN not in text and text.endswith("\n")
+    assert all(isinstance(json.loads(line), dict) for line in text.splitlines())
+    log = _log(run)
+    assert log.count("skipped its torn last line 5") == 1  # `show` noted it; resume did not repeat it
+    assert repr(TORN) in log
+
+
+def test_append_cuts_a_torn_last_line_instead_of_gluing_the_row_to_it(tmp_path):
+    run = Workspace(tmp_path).create_run("train", "x", "kind: train\n", seed=0)
+    run.path("metrics.jsonl").write_text(_metric_rows([1, 2]) + TORN, encoding="utf-8")
+    run.append_metrics({"step": 3, "loss": 1.7})
+    assert run.path("metrics.jsonl").read_text(encoding="utf-8") == _metric_rows([1, 2]) + \
+        json.dumps({"step": 3, "loss": 1.7}) + "\n"
+    assert f"cut its torn last line ({len(TORN)} bytes)" in _log(run)
+
+
+def test_append_keeps_a_whole_last_row_that_only_lacks_its_newline(tmp_path):
+    run = Workspace(tmp_path).create_run("train", "x", "kind: train\n", seed=0)
+    run.path("metrics.jsonl").write_text(_metric_rows([1, 2]).rstrip("\n"), encoding="utf-8")
+    run.append_metrics({"step": 3, "loss": 1.7})
+    assert [m["step"] for m in run.metrics()] == [1, 2, 3]
+
+
+def test_a_bad_line_before_the_last_is_an_error_naming_file_and_line(tmp_path, capsys):
+    ws = Workspace(tmp_path)
+    run = ws.create_run("train", "x", "kind: train\n", seed=0)
+    run.path("metrics.jsonl").write_text(_metric_rows([1]) + "\n" + TORN + "\n" + _metric_rows([3]),
+                                         encoding="utf-8")
+    with pytest.raises(JsonlError, match=r"metrics.jsonl: line 3 is not valid JSON"):
+        run.metrics()
+    with pytest.raises(JsonlError, match=r"line 3"):
+        loss_curve(run)
+    assert main(["show", run.id, "-w", str(tmp_path)]) == 1
+    assert f"{run.path('metrics.jsonl')}: line 3 is not valid JSON" in capsys.readouterr().err
+
+
+def test_a_line_a_live_run_is_still_writing_is_read_past_without_a_note(tmp_path):
+    run = Workspace(tmp_path).create_run("train", "x", "kind: train\n", seed=0)
+    run.mark_running()
+    run.update(pid=os.getppid())  # another process of this run, alive, in the middle of a write
+    run.path("metrics.jsonl").write_text(_metric_rows([1, 2]) + TORN, encoding="utf-8")
+    assert [p["step"] for p in loss_curve(run)] == [1, 2]
+    assert "torn" not in _log(run)
+    run.update(pid=NO_SUCH_PID)  # that process has died: the line is torn for good
+    assert [p["step"] for p in loss_curve(run)] == [1, 2]
+    assert "skipped its torn last line 3" in _log(run)
 
 
 # ----------------------------------------------------------------------------------------------
