@@ -1,5 +1,5 @@
 """What a full disk, a power loss, a kill or damaged files leave behind, and how the workbench
-copes: torn metrics lines, half-created runs."""
+copes: torn metrics lines, half-created runs, user data errors by file line."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 from conftest import tiny_train_recipe
 from workbench import engine
 from workbench.cli import main
+from workbench.data import DataError, read_examples, read_labelled, read_texts
 from workbench.jobs import loss_curve
 from workbench.stages import run_train
 from workbench.workspace import JsonlError, Workspace
@@ -151,3 +152,33 @@ def test_full_disk_at_run_creation_leaves_no_run_folder_and_names_the_file(
     assert raised.value.errno == errno.ENOSPC
     assert f"cannot write {ws.runs_dir}" in message and f"{file_name}: the disk is full" in message
     assert list(ws.runs_dir.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------------------------
+# User data: errors give the file's own line numbers
+
+
+BLANKS_FIRST = ['{"text": "one", "prompt": "p", "answer": "a", "label": "x"}', "", "   ",
+                '{"text": "two", "prompt": "p", "answer": "a", "label": "y"}', ""]
+
+
+@pytest.mark.parametrize("reader, bad, problem", [
+    (read_texts, '{"text": "three"', "line 6 is not valid JSON"),
+    (read_texts, '{"body": "three"}', "line 6 has no string field 'text'"),
+    (read_examples, '{"prompt": "p"}', "line 6 needs string fields 'prompt'"),
+    (read_labelled, '{"text": "three"}', "line 6 needs a string 'text' and a 'label'"),
+    (read_labelled, '["text", "label"]', "line 6 is not a JSON object"),
+])
+def test_data_errors_name_the_files_own_line_with_blank_lines_counted(tmp_path, reader, bad, problem):
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(BLANKS_FIRST + [bad]) + "\n", encoding="utf-8")
+    with pytest.raises(DataError) as raised:
+        reader(str(path))
+    assert str(raised.value).startswith(f"{path}: {problem}")
+
+
+def test_a_line_separator_inside_a_record_does_not_split_it(tmp_path):
+    path = tmp_path / "data.jsonl"
+    records = [{"text": "first\u2028still the first"}, {"text": "second"}]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    assert read_texts(str(path)) == ["first\u2028still the first", "second"]
