@@ -1,20 +1,26 @@
 """What a full disk, a power loss, a kill or damaged files leave behind, and how the workbench
-copes: torn metrics lines, half-created runs, user data errors by file line."""
+copes: torn metrics lines, half-created runs, NaN / inf weights, user data errors by file line."""
 
 from __future__ import annotations
 
 import errno
 import json
 import os
+import shutil
 import socket
+from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file, save_file
 
 from conftest import tiny_train_recipe
 from workbench import engine
+from workbench.base import DEFAULT_BASE_NAME
 from workbench.cli import main
 from workbench.data import DataError, read_examples, read_labelled, read_texts
 from workbench.jobs import loss_curve
+from workbench.models import ModelLoadError, load_model
+from workbench.recipes import ModelSpec
 from workbench.stages import run_train
 from workbench.workspace import JsonlError, Workspace
 
@@ -152,6 +158,65 @@ def test_full_disk_at_run_creation_leaves_no_run_folder_and_names_the_file(
     assert raised.value.errno == errno.ENOSPC
     assert f"cannot write {ws.runs_dir}" in message and f"{file_name}: the disk is full" in message
     assert list(ws.runs_dir.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------------------------
+# NaN / inf weights
+
+
+POISONED = "model.layers.0.mlp.up_proj.weight"
+
+
+def _poison(folder: Path, name: str, count: int) -> None:
+    """Set `count` values of tensor `name` to NaN / inf in whichever safetensors file holds it."""
+    for path in folder.glob("*.safetensors"):
+        tensors = load_file(path)
+        if name in tensors:
+            flat = tensors[name].view(-1)
+            flat[:count] = float("nan")
+            flat[0] = float("inf")
+            save_file(tensors, path, metadata={"format": "pt"})
+            return
+    raise AssertionError(f"no tensor {name} in {folder}")
+
+
+@pytest.fixture(scope="module")
+def poisoned_base(base_workspace, tmp_path_factory) -> Path:
+    """A copy of the tiny base model folder with 3 NaN / inf values in one MLP weight."""
+    base = base_workspace.latest("pretrain", DEFAULT_BASE_NAME)
+    folder = tmp_path_factory.mktemp("poisoned") / "base"
+    shutil.copytree(base.path(base.info["outputs"]["model"]), folder)
+    _poison(folder, POISONED, 3)
+    return folder
+
+
+def test_nan_weights_are_refused_at_load_naming_the_tensor_and_the_folder(poisoned_base):
+    with pytest.raises(ModelLoadError) as raised:
+        load_model(ModelSpec(path=str(poisoned_base)))
+    assert f"{POISONED}: 3 NaN / inf values" in str(raised.value)
+    assert str(poisoned_base) in str(raised.value)
+
+
+def test_training_on_nan_weights_fails_at_load_not_with_a_nan_loss(workspace, poisoned_base):
+    with pytest.raises(ModelLoadError, match=f"{POISONED}: 3 NaN / inf values"):
+        run_train(tiny_train_recipe(model__path=str(poisoned_base), name="poisoned"), workspace)
+    run = next(r for r in workspace.runs() if r.info["name"] == "poisoned")
+    assert run.info["status"] == "failed"
+    assert POISONED in run.info["error"] and "loss is" not in run.info["error"]
+    assert not run.path("metrics.jsonl").exists()
+
+
+def test_nan_in_an_adapter_is_refused_naming_its_tensor_and_folder(workspace, tmp_path):
+    trained = run_train(tiny_train_recipe(train__max_steps=1, train__checkpoint_every=0), workspace)
+    adapter = shutil.copytree(trained.path("adapter"), tmp_path / "adapter")
+    weights = adapter / "adapter_model.safetensors"
+    name = next(n for n in load_file(weights) if "lora_B" in n)
+    _poison(adapter, name, 1)
+    assert load_model(ModelSpec(path=str(trained.path("adapter"))), workspace)  # the intact one loads
+    with pytest.raises(ModelLoadError) as raised:
+        load_model(ModelSpec(path=str(adapter)), workspace)
+    assert f"{name}: 1 NaN / inf values" in str(raised.value)
+    assert str(adapter) in str(raised.value) and "adapter holds" in str(raised.value)
 
 
 # ----------------------------------------------------------------------------------------------
