@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from . import resolver
+from .workspace import JsonlError, read_jsonl_numbered
 
 IGNORE = -100
 
@@ -75,16 +75,19 @@ def _read_lines(path: Path) -> list[str]:
     return lines
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    records = []
-    for number, line in enumerate(_read_lines(path), start=1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}: line {number} is not valid JSON ({err.msg})") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{path}: line {number} is not a JSON object")
-        records.append(record)
+def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    """(line number, record) for each record of a user's .jsonl file; the numbers are the file's
+    own lines (blank lines counted), so an error points at the line an editor shows."""
+    if not path.is_file():
+        raise DataError(f"{path}: data file not found")
+    try:
+        records = read_jsonl_numbered(path)
+    except JsonlError as err:
+        raise DataError(str(err)) from None
+    except OSError as err:
+        raise DataError(f"{path}: cannot read ({err})") from None
+    if not records:
+        raise DataError(f"{path}: data file is empty")
     return records
 
 
@@ -103,7 +106,7 @@ def read_texts(source: str, world_seed: int = 0, world_size: str = "default") ->
     path = data_path(source)
     if path.suffix == ".jsonl":
         texts = []
-        for number, record in enumerate(_read_jsonl(path), start=1):
+        for number, record in _read_jsonl(path):
             if not isinstance(record.get("text"), str):
                 raise DataError(f"{path}: line {number} has no string field 'text'")
             texts.append(record["text"])
@@ -144,10 +147,11 @@ def read_labelled(source: str, world_seed: int = 0, world_size: str = "default"
     path = data_path(source)
     if path.suffix != ".jsonl":
         raise DataError(f"{path}: labelled data must be a .jsonl file of {{text, label}} records")
-    records = list(_read_jsonl(path))
-    for number, record in enumerate(records, start=1):
+    numbered = _read_jsonl(path)
+    for number, record in numbered:
         if not isinstance(record.get("text"), str) or "label" not in record:
             raise DataError(f"{path}: line {number} needs a string 'text' and a 'label'")
+    records = [record for _, record in numbered]
     names = sorted({str(r["label"]) for r in records})
     if len(names) < 2:
         raise DataError(f"{path}: sequence classification needs at least two labels (found {names})")
@@ -178,7 +182,7 @@ def read_examples(source: str, world_seed: int = 0, world_size: str = "default")
     if path.suffix != ".jsonl":
         raise DataError(f"{path}: questions must be a .jsonl file of {{prompt|question, answer}} records")
     examples = []
-    for number, record in enumerate(_read_jsonl(path), start=1):
+    for number, record in _read_jsonl(path):
         answer = record.get("answer")
         prompt = record.get("prompt")
         if prompt is None and isinstance(record.get("question"), str):

@@ -485,20 +485,9 @@ def display_command(job: dict, ws: Workspace) -> str:
 
 
 def loss_curve(run: Run) -> list[dict]:
-    """[{step, loss}] from a run's metrics.jsonl, read while it may still be written: a line not
-    yet complete is left for the next read."""
-    path = run.path("metrics.jsonl")
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and "loss" in row:
-            rows.append({"step": row["step"], "loss": row["loss"]})
-    return rows
+    """[{step, loss}] from a run's metrics, read while they may still be written: a last line not
+    yet complete is left for the next read (see `Run.metrics`)."""
+    return [{"step": row["step"], "loss": row["loss"]} for row in run.metrics() if "loss" in row]
 
 
 _STEPS = re.compile(r"\b(\d+) steps\b")

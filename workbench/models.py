@@ -347,12 +347,54 @@ def load_model(spec: ModelSpec, workspace: "Workspace | None" = None, task: Task
     if quant is None:
         model.to(device)
     tokenizer = load_tokenizer(source.folder, spec.trust_remote_code)
+    check_finite(model, source.folder)
     if source.adapter is not None and with_adapter:
         from adapters import load_adapter
 
+        check_adapter_finite(source.adapter)
         model = load_adapter(model, source.adapter)
     model.eval()
     return model, tokenizer, source
+
+
+def nonfinite_counts(named_tensors) -> list[tuple[str, int]]:
+    """(name, count of NaN / inf values) for each floating-point tensor that holds any."""
+    found = []
+    for name, tensor in named_tensors:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            found.append((name, int((~torch.isfinite(tensor)).sum())))
+    return found
+
+
+def _refuse_nonfinite(found: list[tuple[str, int]], folder: Path, what: str) -> None:
+    """Raise a ModelLoadError naming the folder and the tensors with NaN / inf values, if any."""
+    if not found:
+        return
+    shown = "; ".join(f"{name}: {count} NaN / inf values" for name, count in found[:5])
+    more = f"; and {len(found) - 5} more tensors" if len(found) > 5 else ""
+    raise ModelLoadError(f"{folder}: the {what} holds NaN / inf weights ({shown}{more}). Nothing "
+                         "can be trained or evaluated on it: the files are damaged or come from a "
+                         "run that diverged; use an earlier checkpoint or re-export the model.")
+
+
+def check_finite(model, folder: Path) -> None:
+    """Refuse a loaded model with NaN / inf in any weight or buffer, naming each such tensor."""
+    tensors = dict(model.named_parameters(remove_duplicate=True))
+    tensors.update(model.named_buffers(remove_duplicate=True))
+    _refuse_nonfinite(nonfinite_counts(tensors.items()), folder, "model")
+
+
+def check_adapter_finite(folder: Path) -> None:
+    """Refuse an adapter folder whose safetensors files hold NaN / inf, naming each such tensor
+    (files in sub-folders, e.g. a MixDA task LoRA, included)."""
+    from safetensors import safe_open
+
+    found = []
+    for path in sorted(Path(folder).rglob("*.safetensors")):
+        read_safetensors_header(path)  # a damaged file is named before it is read
+        with safe_open(str(path), framework="pt") as f:
+            found += nonfinite_counts((name, f.get_tensor(name)) for name in f.keys())
+    _refuse_nonfinite(found, folder, "adapter")
 
 
 def embedding_fingerprint(model) -> str:

@@ -8,15 +8,17 @@ is written atomically (temporary file + rename); a run is only marked `done` by 
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import json
 import os
 import platform
 import secrets
+import shutil
 import socket
 import traceback
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from .resolver import RUN_ID
 
@@ -27,21 +29,156 @@ class RunNotFound(LookupError):
     """No run matches the id or prefix given."""
 
 
+class WriteFailed(OSError):
+    """A file could not be written. The message names the file, and says so when the disk is full."""
+
+    def __str__(self) -> str:
+        return self.strerror
+
+    @classmethod
+    def of(cls, err: OSError, path: Path) -> "WriteFailed":
+        """The same failure (same errno) told with the path the caller meant to write."""
+        if err.errno == errno.ENOSPC:
+            reason = "the disk is full (no space left on device); free some space and try again"
+        else:
+            reason = err.strerror or str(err)
+        return cls(err.errno, f"cannot write {path}: {reason}", str(path))
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Write every byte of `data` to `fd` (os.write may write only part of it)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write a file so readers see the old content or the new one, never half of it."""
+    """Write a file so readers see the old content or the new one, never half of it.
+
+    On failure (a full disk, no permission) the temporary file is removed and a `WriteFailed`
+    naming `path` is raised.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    mode = "wb" if isinstance(data, bytes) else "w"
-    with open(tmp, mode, **({} if isinstance(data, bytes) else {"encoding": "utf-8"})) as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        try:
+            _write_all(fd, payload)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as err:
+        with suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise WriteFailed.of(err, path) from err
 
 
 def write_json(path: Path, obj: Any) -> None:
     write_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# JSONL files (one JSON object a line)
+
+
+class JsonlError(ValueError):
+    """A line of a JSONL file is not a JSON object: the message names the file and the line."""
+
+    def __init__(self, path: Path, number: int, problem: str):
+        super().__init__(f"{path}: line {number} {problem}")
+        self.path, self.number, self.problem = Path(path), number, problem
+
+
+def _jsonl_record(path: Path, number: int, line: bytes) -> dict:
+    """One line parsed as a JSON object, or a JsonlError naming the file and the line."""
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise JsonlError(path, number, "is not UTF-8 text") from None
+    except json.JSONDecodeError as err:
+        raise JsonlError(path, number, f"is not valid JSON ({err.msg})") from None
+    if not isinstance(record, dict):
+        raise JsonlError(path, number, "is not a JSON object")
+    return record
+
+
+def _is_record(line: bytes) -> bool:
+    """Whether a line parses as a JSON object."""
+    try:
+        _jsonl_record(Path(), 0, line)
+    except JsonlError:
+        return False
+    return True
+
+
+def torn_line_message(path: Path, number: int, line: bytes) -> str:
+    """What a reader says when it skips a torn last line."""
+    preview = line[:60].decode("utf-8", errors="replace") + ("..." if len(line) > 60 else "")
+    return (f"{path}: skipped its torn last line {number} ({len(line)} bytes: {preview!r}), "
+            "left by a write that was cut short (full disk, power loss or a killed process)")
+
+
+def read_jsonl_numbered(path: Path, on_torn_tail: Callable[[str], None] | None = None
+                        ) -> list[tuple[int, dict]]:
+    """(line number, record) for every non-blank line of a JSONL file. Line numbers are the
+    file's own: blank lines are counted, and only `\n` ends a line.
+
+    With `on_torn_tail`, a last line that does not parse is taken for what an interrupted append
+    leaves: it is skipped and `on_torn_tail(message)` is told. Any other bad line, or a bad last
+    line without `on_torn_tail`, raises a JsonlError naming the file and the line.
+    """
+    path = Path(path)
+    lines = [(number, line) for number, line in enumerate(path.read_bytes().split(b"\n"), start=1)
+             if line.strip()]
+    records = []
+    for number, line in lines:
+        try:
+            records.append((number, _jsonl_record(path, number, line)))
+        except JsonlError:
+            if on_torn_tail is None or number != lines[-1][0]:
+                raise
+            on_torn_tail(torn_line_message(path, number, line))
+    return records
+
+
+def read_jsonl(path: Path, on_torn_tail: Callable[[str], None] | None = None) -> list[dict]:
+    """The records of a JSONL file (see `read_jsonl_numbered` for torn last lines and errors)."""
+    return [record for _, record in read_jsonl_numbered(path, on_torn_tail)]
+
+
+def _last_line_start(f, end: int, chunk: int = 4096) -> int:
+    """Offset just after the last newline before offset `end` of an open binary file (0 if none)."""
+    while end > 0:
+        start = max(0, end - chunk)
+        f.seek(start)
+        found = f.read(end - start).rfind(b"\n")
+        if found >= 0:
+            return start + found + 1
+        end = start
+    return 0
+
+
+def cut_torn_tail(path: Path) -> bytes:
+    """Make a JSONL file end with a whole, valid line before something is appended to it.
+
+    A last line that does not parse is what an interrupted append leaves: it is cut off and
+    returned, so the next row starts a line of its own instead of being glued to the fragment.
+    A valid last line that only lacks its newline gets one. Returns b"" when nothing was cut.
+    """
+    with open(path, "r+b") as f:
+        size = f.seek(0, os.SEEK_END)
+        start = _last_line_start(f, size - 1) if size else 0  # the last line and its newline
+        f.seek(start)
+        last = f.read()
+        if not last.strip() or _is_record(last):
+            if last and not last.endswith(b"\n"):
+                f.write(b"\n")
+            return b""
+        f.truncate(start)
+        return last
 
 
 def _now() -> str:
@@ -104,14 +241,38 @@ class Run:
         return self.folder.joinpath(*parts)
 
     def metrics(self) -> list[dict]:
+        """The rows of metrics.jsonl. A torn last line (a write cut short) is skipped and noted in
+        run.log; a bad line before it is a JsonlError naming the file and the line."""
         path = self.folder / "metrics.jsonl"
         if not path.exists():
             return []
-        rows = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                rows.append(json.loads(line))
-        return rows
+        return read_jsonl(path, on_torn_tail=self.note_torn_line)
+
+    def note_torn_line(self, message: str) -> None:
+        """Say once in run.log that a torn last line was skipped, unless another live process of
+        this run may be writing that line right now (then it is not torn, only unfinished)."""
+        if self._written_by_another_process():
+            return
+        log = self.folder / "run.log"
+        try:
+            if log.is_file() and message in log.read_text(encoding="utf-8", errors="replace"):
+                return
+            self.log(message)
+        except OSError:
+            pass  # a run folder that cannot be written (read-only copy): the rows are still read
+
+    def _written_by_another_process(self) -> bool:
+        """Whether the run is `running` in a live process other than this one."""
+        try:
+            info = self.info
+        except (OSError, ValueError):
+            return False
+        if info.get("status") != "running":
+            return False
+        pid = int(info.get("pid") or -1)
+        if info.get("host") != socket.gethostname():
+            return True  # alive or not, it cannot be told from here
+        return pid != os.getpid() and pid_alive(pid)
 
     # -- writing ---------------------------------------------------------------------------
     def update(self, **fields: Any) -> None:
@@ -124,7 +285,14 @@ class Run:
             f.write(f"{_now()} {message}\n")
 
     def append_metrics(self, row: dict) -> None:
-        with open(self.folder / "metrics.jsonl", "a", encoding="utf-8") as f:
+        """Append one row to metrics.jsonl, first cutting a torn last line an interrupted write
+        left (so the row is never glued to it)."""
+        path = self.folder / "metrics.jsonl"
+        if path.exists():
+            torn = cut_torn_tail(path)
+            if torn:
+                self.log(f"{path}: cut its torn last line ({len(torn)} bytes) before appending")
+        with open(path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()
 
@@ -163,17 +331,25 @@ class Workspace:
 
     def create_run(self, kind: str, name: str, recipe_yaml: str, seed: int,
                    parents: list[str] | None = None) -> Run:
-        """Make a new run folder with its recipe and a `created` run.json."""
+        """Make a new run folder with its recipe and a `created` run.json. If that fails part way
+        (a full disk), the folder is removed and the error names the file it could not write."""
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in name)[:40]
         run_id = f"{stamp}-{kind}-{safe}-{secrets.token_hex(2)}"
         folder = self.runs_dir / run_id
-        folder.mkdir(parents=True)
-        write_atomic(folder / "recipe.yaml", recipe_yaml)
-        write_json(folder / "run.json", {
-            "id": run_id, "kind": kind, "name": name, "status": "created", "seed": seed,
-            "parents": parents or [], "created": _now(), "versions": library_versions(),
-        })
+        try:
+            folder.mkdir(parents=True)
+        except OSError as err:
+            raise WriteFailed.of(err, folder) from err
+        try:
+            write_atomic(folder / "recipe.yaml", recipe_yaml)
+            write_json(folder / "run.json", {
+                "id": run_id, "kind": kind, "name": name, "status": "created", "seed": seed,
+                "parents": parents or [], "created": _now(), "versions": library_versions(),
+            })
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)  # no half-made run is left behind
+            raise
         return Run(folder)
 
     @contextmanager

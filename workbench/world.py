@@ -18,6 +18,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from .workspace import read_jsonl
+
 USER_TOKEN = "<|user|>"
 ASSISTANT_TOKEN = "<|assistant|>"
 END_TOKEN = "<|end|>"
@@ -949,13 +951,12 @@ def write_world(world: World, folder: Path) -> None:
 
 
 def read_world(folder: Path) -> World:
-    """Read a world written by ``write_world``."""
+    """Read a world written by ``write_world`` (a damaged QA line is an error naming it)."""
     folder = Path(folder)
     meta = json.loads((folder / "world.json").read_text(encoding="utf-8"))
     splits: dict[str, list] = {}
     for name in DOC_SPLITS:
         splits[name] = (folder / split_filename(name)).read_text(encoding="utf-8").splitlines()
     for name in QA_SPLITS:
-        lines = (folder / split_filename(name)).read_text(encoding="utf-8").splitlines()
-        splits[name] = [QA(**json.loads(line)) for line in lines if line]
+        splits[name] = [QA(**record) for record in read_jsonl(folder / split_filename(name))]
     return World(seed=meta["seed"], **splits)

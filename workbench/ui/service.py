@@ -22,7 +22,7 @@ from ..cli import _headline
 from ..jobs import JobError, JobQueue
 from ..recipes import KINDS, RecipeError, parse_recipe, recipe_to_yaml
 from ..resolver import PathRefused, Resolver, using
-from ..workspace import RunNotFound, Workspace, write_atomic
+from ..workspace import JsonlError, RunNotFound, Workspace, write_atomic
 from ..yamlio import MAX_YAML_BYTES, YamlRefused, load_yaml
 from ..world import SPLITS
 from . import compare, exporting, paths
@@ -214,7 +214,7 @@ class Service:
     def job(self, job_id: str, log_lines: int = 40) -> dict:
         try:
             return self.queue.view(job_id, log_lines=log_lines)
-        except JobError as err:
+        except (JobError, JsonlError) as err:  # JsonlError: a damaged metrics.jsonl, named
             raise Refused(str(err)) from None
 
     def stop(self, job_id: str) -> dict:
@@ -380,12 +380,16 @@ class Service:
         infos = {r.id: _info(r) for r in self.ws.runs()}
         recipe = run.path("recipe.yaml")
         files = sorted(p.name for p in run.folder.iterdir() if not p.name.startswith("."))
+        try:
+            loss = loss_curve(run)
+        except JsonlError as err:  # a damaged metrics.jsonl: the message names file and line
+            raise Refused(str(err)) from None
         return {
             "id": run.id, "info": {**info, "status": run.status}, "result": _headline(info),
             "recipe": recipe.read_text(encoding="utf-8") if recipe.is_file() else "",
             "lineage": {"parents": info.get("parents", []), "ancestors": _ancestors(run.id, infos),
                         "children": [i for i, x in infos.items() if run.id in x.get("parents", [])]},
-            "loss": loss_curve(run),
+            "loss": loss,
             "log_tail": tail(run.path("run.log"), max_lines=log_lines),
             "files": files,
         }
