@@ -135,7 +135,7 @@ def _wait(client, job: dict, timeout: float = 150) -> dict:
         time.sleep(0.5)
 
 
-def test_merge_quantize_export_and_generate_through_the_api(app):
+def test_merge_quantize_export_and_generate_through_the_api(app, tmp_path):
     """The trained adapter merged (θ + 0.5·s·B·A), the merge quantized, all of it exported and
     found in the workspace; the playground answers with the base and the adapter side by side."""
     if "trained" not in app:
@@ -192,7 +192,12 @@ def test_merge_quantize_export_and_generate_through_the_api(app):
     exported = {e["name"]: e for e in client.predict(api_name="/list_exports")}
     assert set(exported) == {"merged", "lora", "w4"}
     folder = ws.root / "exports" / "merged"
-    assert exported["merged"]["path"] == str(folder) and exported["merged"]["source_run"] == merge_run
+    assert exported["merged"]["folder"] == str(folder) and exported["merged"]["source_run"] == merge_run
+    # a client that downloads the files an endpoint returns (gradio_client's default) gets the rows
+    # as they are: no row looks like a file to fetch
+    downloading = gradio_client.Client(app["url"], auth=(USER, PASSWORD), verbose=False,
+                                       download_files=str(tmp_path / "downloads"))
+    assert downloading.predict(api_name="/list_exports") == client.predict(api_name="/list_exports")
     assert folder_tensors(folder).keys() == model.keys()
     assert all(torch_equal(t, model[k]) for k, t in folder_tensors(folder).items()), "copied as stored"
     shards = sorted(folder.glob("model-*-of-*.safetensors"))
