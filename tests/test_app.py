@@ -121,6 +121,8 @@ def test_train_job_through_the_api_to_the_end(app):
     assert (ws.root / "runs" / run_id / "adapter" / "adapter_model.safetensors").is_file()
     record = yaml.safe_load((ws.root / "jobs" / f"{job['id']}.json").read_text())
     assert record["status"] == "done" and record["run"] == run_id
+    log = (ws.root / record["log"]).read_text()
+    assert "step" in log and "gemm_4bit" not in log, "no bitsandbytes CPU-kernel warning in the log"
     assert client.predict(api_name="/list_jobs")[0]["id"] == job["id"]
     app["trained"] = run_id
 
@@ -358,6 +360,37 @@ def test_public_bind_needs_a_password(tmp_path, monkeypatch):
     assert config["host"] == "127.0.0.1" and config["port"] == 7999
     assert config["workspace"].root == (tmp_path / "home").resolve()
     assert settings(["--port", "8123"])["port"] == 8123
+
+
+# ----------------------------------------------------------------------------------------------
+# the server's own parts (no server)
+
+
+def test_bitsandbytes_cpu_kernel_warning_is_dropped_and_nothing_else():
+    import logging
+
+    import workbench  # noqa: F401  (installs the filter)
+
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    handler = Keep()
+    logger.addHandler(handler)
+    try:
+        logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please "
+                       "make sure you already `pip install kernels`", "No module named 'kernels'")
+        logger.warning("some other bitsandbytes warning")
+    finally:
+        logger.removeHandler(handler)
+    assert seen == ["some other bitsandbytes warning"]
+    result = subprocess.run([sys.executable, "-c", "import workbench.models, peft"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "gemm_4bit" not in result.stdout + result.stderr
 
 
 # ----------------------------------------------------------------------------------------------
