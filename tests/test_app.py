@@ -339,6 +339,60 @@ def test_security_defaults_of_the_running_app(app):
             assert PASSWORD.encode() not in path.read_bytes(), path
 
 
+def _call(http: httpx.Client, name: str, data: list):
+    """One API call through plain HTTP (Gradio's /gradio_api/call/<name>, then its event stream);
+    returns the endpoint's value."""
+    posted = http.post(f"/gradio_api/call/{name}", json={"data": data})
+    assert posted.status_code == 200, posted.text
+    event = None
+    with http.stream("GET", f"/gradio_api/call/{name}/{posted.json()['event_id']}") as stream:
+        for line in stream.iter_lines():
+            if line.startswith("event: "):
+                event = line.removeprefix("event: ").strip()
+            elif line.startswith("data:") and event in ("complete", "error"):
+                assert event == "complete", line
+                return json.loads(line.removeprefix("data:"))[0]
+    raise AssertionError(f"{name}: the event stream ended without an answer")
+
+
+def test_fifty_concurrent_read_only_calls_all_answer_while_a_job_trains(app):
+    """50 read-only calls at once (list_runs, list_jobs, job_status, get_run, list_exports), through
+    plain HTTP and through gradio_client, while a training job runs: every one answers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    client, count, timeout = app["client"], 50, 60
+    recipe = recipe_to_yaml(tiny_train_recipe(name="api-load", train__max_steps=100_000,
+                                              train__checkpoint_every=0))
+    job = client.predict(recipe, api_name="/submit_recipe")
+    try:
+        deadline = time.monotonic() + 120
+        while (status := client.predict(job["id"], api_name="/job_status"))["step"] < 1:
+            assert status["status"] in ("queued", "running"), status["error"] or status["log_tail"]
+            assert time.monotonic() < deadline, f"no training step within 120 s: {status['log_tail']}"
+            time.sleep(0.5)
+        calls = [("list_runs", []), ("list_jobs", []), ("job_status", [job["id"]]),
+                 ("get_run", [status["current_run"]]), ("list_exports", [])] * (count // 5)
+        limits = httpx.Limits(max_connections=count, max_keepalive_connections=count)
+        cookies = _session(app).cookies
+        with httpx.Client(base_url=app["url"], timeout=timeout, limits=limits, cookies=cookies) as http, \
+                ThreadPoolExecutor(max_workers=count) as pool:
+            by_http = [pool.submit(_call, http, name, data) for name, data in calls]
+            by_client = [pool.submit(lambda n, d: client.submit(*d, api_name=f"/{n}").result(timeout),
+                                     name, data) for name, data in calls]
+            answers = [f.result(timeout=2 * timeout) for f in by_http + by_client]
+        for (name, _), answer in zip(calls * 2, answers):
+            if name == "job_status":
+                assert answer["id"] == job["id"] and answer["status"] == "running"
+            elif name == "get_run":
+                assert answer["id"] == status["current_run"]
+            else:
+                assert isinstance(answer, list), (name, answer)
+        assert status["current_run"] in {r["id"] for r in answers[0]}
+    finally:
+        client.predict(job["id"], api_name="/cancel_job")
+    assert _wait(client, job)["status"] == "cancelled"
+
+
 def test_public_bind_needs_a_password(tmp_path, monkeypatch):
     monkeypatch.delenv("WORKBENCH_AUTH", raising=False)
     result = subprocess.run([sys.executable, str(ROOT / "app.py"), "--host", "0.0.0.0",
@@ -364,6 +418,42 @@ def test_public_bind_needs_a_password(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------------------------
 # the server's own parts (no server)
+
+
+def test_sessions_compute_block_configs_only_when_asked(monkeypatch):
+    """A new session (each plain-HTTP API call is one) computes no block's configuration; the
+    configurations it gives when asked are Gradio's own, updates included."""
+    gr = pytest.importorskip("gradio")
+    from gradio.blocks import BlocksConfig
+    from gradio.state_holder import SessionState
+
+    from workbench.ui.sessions import LazySessionState, LazyStateHolder
+
+    with gr.Blocks() as demo:
+        name = gr.Textbox("x", label="name")
+        choice = gr.Dropdown(["a", "b"], value="a", label="choice")
+        kept = gr.State({"n": 1})
+        gr.Button("go").click(lambda n, c, k: (n, c), [name, choice, kept], [name, choice])
+    computed = []
+    original = BlocksConfig.config_for_block
+
+    def counting(*args, **kwargs):
+        computed.append(args[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(BlocksConfig, "config_for_block", staticmethod(counting))
+    holder = LazyStateHolder()
+    holder.set_blocks(demo)
+    lazy = holder["session-1"]
+    assert isinstance(lazy, LazySessionState) and computed == []
+    assert lazy[kept._id] == {"n": 1} and lazy[name._id] is name
+    eager = SessionState(demo)
+    assert computed and list(lazy.components) == list(eager.components)
+    for state in (lazy, eager):
+        state[choice._id] = gr.Dropdown(["a", "b", "c"], value="c", label="choice")
+        state._update_value_in_config(name._id, "y")
+    assert list(lazy.components) == list(eager.components)
+    assert next(c for c in lazy.components if c["id"] == name._id)["props"]["value"] == "y"
 
 
 def test_bitsandbytes_cpu_kernel_warning_is_dropped_and_nothing_else():

@@ -10,6 +10,8 @@
   Gradio may serve files from is the workspace.
 - The password is kept in memory only: it is removed from the environment the job workers and
   the playground's generation worker inherit, and is written into no file.
+- A new Gradio session (each plain-HTTP API call is one) costs next to nothing (`sessions`), so
+  concurrent read-only calls do not wait for one another.
 - Jobs (training, merging, quantizing, evaluating, exporting) run in worker processes one at a
   time, at a lower CPU priority than the app; generation runs in its own worker process.
 """
@@ -135,8 +137,17 @@ def launch_app(config: dict, block: bool = True):
         footer_links=["api", "settings"], ssr_mode=False, mcp_server=False, pwa=False,
         show_error=False, inbrowser=False, prevent_thread_lock=not block, css=CSS,
         auth_message="Adapter workbench: log in with the --auth / WORKBENCH_AUTH user.",
+        app_kwargs=server_hooks(),
     )
     return demo
+
+
+def server_hooks() -> dict:
+    """What the app adds to Gradio's web server (FastAPI settings for `launch(app_kwargs=...)`):
+    cheap sessions, installed at start-up."""
+    from .sessions import lazy_sessions_lifespan
+
+    return {"lifespan": lazy_sessions_lifespan}
 
 
 def main(argv: list[str] | None = None, prog: str = "app.py") -> int:
