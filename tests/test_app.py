@@ -339,6 +339,40 @@ def test_security_defaults_of_the_running_app(app):
             assert PASSWORD.encode() not in path.read_bytes(), path
 
 
+def _from(app, address: str) -> httpx.Client:
+    """An HTTP client to the app whose connections come from `address` (any of 127.0.0.0/8)."""
+    return httpx.Client(base_url=app["url"], timeout=10,
+                        transport=httpx.HTTPTransport(local_address=address))
+
+
+def test_repeated_wrong_passwords_are_slowed_down_per_address(app):
+    """Five wrong passwords from one address are answered; the sixth try, even with the right
+    password, gets 429 and Retry-After; another address (a few wrong tries of its own included)
+    logs in at once; after the wait the right password works and clears the count."""
+    from workbench.ui.throttle import LoginThrottle
+
+    wrong = {"username": USER, "password": "not-it"}
+    right = {"username": USER, "password": PASSWORD}
+    free = LoginThrottle().free_attempts
+    with _from(app, "127.0.0.2") as guesser, _from(app, "127.0.0.3") as other:
+        assert [guesser.post("/login", data=wrong).status_code for _ in range(free)] == [400] * free
+        locked = guesser.post("/login", data=wrong)
+        assert locked.status_code == 429, locked.text
+        wait = int(locked.headers["retry-after"])
+        assert 1 <= wait <= 300
+        assert guesser.post("/login", data=right).status_code == 429, "locked: not even checked"
+
+        assert [other.post("/login", data=wrong).status_code for _ in range(2)] == [400, 400]
+        assert other.post("/login", data=right).status_code == 200
+        assert other.get("/gradio_api/info").status_code == 200, "logged in"
+        assert _session(app).get("/gradio_api/info").status_code == 200, "127.0.0.1 unaffected"
+
+        time.sleep(wait + 0.2)
+        assert guesser.post("/login", data=right).status_code == 200
+        assert guesser.post("/login", data=wrong).status_code == 400, "the success cleared the count"
+        assert guesser.post("/login", data=right).status_code == 200
+
+
 def _call(http: httpx.Client, name: str, data: list):
     """One API call through plain HTTP (Gradio's /gradio_api/call/<name>, then its event stream);
     returns the endpoint's value."""
@@ -418,6 +452,44 @@ def test_public_bind_needs_a_password(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------------------------
 # the server's own parts (no server)
+
+
+def test_login_throttle_locks_an_address_for_a_doubling_time_and_a_success_clears_it():
+    from workbench.ui.throttle import LoginThrottle
+
+    now = [1000.0]
+    throttle = LoginThrottle(free_attempts=3, first_lock_s=2.0, max_lock_s=10.0,
+                             forget_after_s=60.0, max_addresses=4, clock=lambda: now[0])
+    for _ in range(2):
+        throttle.attempt("a")
+        assert throttle.retry_after("a") == 0.0, "within the free attempts"
+    throttle.attempt("a")
+    assert throttle.retry_after("a") == 2.0, "the third failure locks for first_lock_s"
+    assert throttle.retry_after("b") == 0.0, "other addresses are not affected"
+    waits = []
+    for _ in range(4):
+        now[0] += throttle.retry_after("a")
+        assert throttle.retry_after("a") == 0.0
+        throttle.attempt("a")
+        waits.append(throttle.retry_after("a"))
+    assert waits == [4.0, 8.0, 10.0, 10.0], "doubling, up to max_lock_s"
+    now[0] += 10.0
+    throttle.attempt("a")
+    throttle.succeeded("a")
+    assert throttle.retry_after("a") == 0.0
+    throttle.attempt("a")
+    assert throttle.retry_after("a") == 0.0, "counting starts again after a success"
+
+    # concurrent attempts count before they are answered: the fourth is already refused
+    for _ in range(3):
+        throttle.attempt("c")
+    assert throttle.retry_after("c") > 0
+    # addresses are forgotten an hour (here: a minute) after their last try, and at most
+    # max_addresses are kept
+    now[0] += 61.0
+    for name in ("d", "e", "f", "g", "h"):
+        throttle.attempt(name)
+    assert set(throttle._addresses) == {"e", "f", "g", "h"}
 
 
 def test_sessions_compute_block_configs_only_when_asked(monkeypatch):

@@ -10,6 +10,8 @@
   Gradio may serve files from is the workspace.
 - The password is kept in memory only: it is removed from the environment the job workers and
   the playground's generation worker inherit, and is written into no file.
+- Wrong passwords are slowed down: after a few failed logins in a row, an address waits a
+  doubling time before its next try (`throttle`).
 - A new Gradio session (each plain-HTTP API call is one) costs next to nothing (`sessions`), so
   concurrent read-only calls do not wait for one another.
 - Jobs (training, merging, quantizing, evaluating, exporting) run in worker processes one at a
@@ -144,10 +146,13 @@ def launch_app(config: dict, block: bool = True):
 
 def server_hooks() -> dict:
     """What the app adds to Gradio's web server (FastAPI settings for `launch(app_kwargs=...)`):
-    cheap sessions, installed at start-up."""
-    from .sessions import lazy_sessions_lifespan
+    the login throttle in front of `/login`, and cheap sessions installed at start-up."""
+    from starlette.middleware import Middleware
 
-    return {"lifespan": lazy_sessions_lifespan}
+    from .sessions import lazy_sessions_lifespan
+    from .throttle import LoginThrottleMiddleware
+
+    return {"middleware": [Middleware(LoginThrottleMiddleware)], "lifespan": lazy_sessions_lifespan}
 
 
 def main(argv: list[str] | None = None, prog: str = "app.py") -> int:
