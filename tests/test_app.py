@@ -339,6 +339,13 @@ def test_security_defaults_of_the_running_app(app):
             assert PASSWORD.encode() not in path.read_bytes(), path
 
 
+def test_startup_output_names_the_url_and_not_gradios_share_hint(app):
+    output = (app["ws"].root.parent / "app.log").read_text()
+    assert f"Serving on {app['url']}" in output
+    assert "share=True" not in output and "public link" not in output
+    assert "gemm_4bit" not in output
+
+
 def _from(app, address: str) -> httpx.Client:
     """An HTTP client to the app whose connections come from `address` (any of 127.0.0.0/8)."""
     return httpx.Client(base_url=app["url"], timeout=10,

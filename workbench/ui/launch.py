@@ -16,6 +16,8 @@
   concurrent read-only calls do not wait for one another.
 - Jobs (training, merging, quantizing, evaluating, exporting) run in worker processes one at a
   time, at a lower CPU priority than the app; generation runs in its own worker process.
+- Gradio's own start-up lines are left out (its hint about share links does not apply here); the
+  app prints where it serves.
 """
 
 from __future__ import annotations
@@ -137,10 +139,13 @@ def launch_app(config: dict, block: bool = True):
         share=False, max_file_size=f"{config['max_upload_mb']}mb",
         allowed_paths=[str(ws.root)], enable_monitoring=False, run_history=False,
         footer_links=["api", "settings"], ssr_mode=False, mcp_server=False, pwa=False,
-        show_error=False, inbrowser=False, prevent_thread_lock=not block, css=CSS,
+        show_error=False, inbrowser=False, prevent_thread_lock=True, css=CSS, quiet=True,
         auth_message="Adapter workbench: log in with the --auth / WORKBENCH_AUTH user.",
         app_kwargs=server_hooks(),
     )
+    print(f"Serving on {serving_url(config['host'], demo.server_port)}", flush=True)
+    if block:
+        demo.block_thread()
     return demo
 
 
@@ -153,6 +158,12 @@ def server_hooks() -> dict:
     from .throttle import LoginThrottleMiddleware
 
     return {"middleware": [Middleware(LoginThrottleMiddleware)], "lifespan": lazy_sessions_lifespan}
+
+
+def serving_url(host: str, port: int) -> str:
+    """The address to open in a browser (an IPv6 address in brackets)."""
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}/"
 
 
 def main(argv: list[str] | None = None, prog: str = "app.py") -> int:
