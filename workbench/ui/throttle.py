@@ -35,7 +35,8 @@ class _Address:
 
 class LoginThrottle:
     """Failed logins per client address, and how long each address must wait (the policy; the
-    middleware below applies it). `clock` is monotonic seconds."""
+    middleware below applies it). `clock` is monotonic seconds. Used from the server's event loop
+    only, so it takes no lock; it keeps at most `max_addresses` addresses."""
 
     def __init__(self, free_attempts: int = 5, first_lock_s: float = 2.0, max_lock_s: float = 300.0,
                  forget_after_s: float = 3600.0, max_addresses: int = 10_000,
