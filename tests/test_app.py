@@ -121,6 +121,8 @@ def test_train_job_through_the_api_to_the_end(app):
     assert (ws.root / "runs" / run_id / "adapter" / "adapter_model.safetensors").is_file()
     record = yaml.safe_load((ws.root / "jobs" / f"{job['id']}.json").read_text())
     assert record["status"] == "done" and record["run"] == run_id
+    log = (ws.root / record["log"]).read_text()
+    assert "step" in log and "gemm_4bit" not in log, "no bitsandbytes CPU-kernel warning in the log"
     assert client.predict(api_name="/list_jobs")[0]["id"] == job["id"]
     app["trained"] = run_id
 
@@ -135,7 +137,7 @@ def _wait(client, job: dict, timeout: float = 150) -> dict:
         time.sleep(0.5)
 
 
-def test_merge_quantize_export_and_generate_through_the_api(app):
+def test_merge_quantize_export_and_generate_through_the_api(app, tmp_path):
     """The trained adapter merged (θ + 0.5·s·B·A), the merge quantized, all of it exported and
     found in the workspace; the playground answers with the base and the adapter side by side."""
     if "trained" not in app:
@@ -192,7 +194,12 @@ def test_merge_quantize_export_and_generate_through_the_api(app):
     exported = {e["name"]: e for e in client.predict(api_name="/list_exports")}
     assert set(exported) == {"merged", "lora", "w4"}
     folder = ws.root / "exports" / "merged"
-    assert exported["merged"]["path"] == str(folder) and exported["merged"]["source_run"] == merge_run
+    assert exported["merged"]["folder"] == str(folder) and exported["merged"]["source_run"] == merge_run
+    # a client that downloads the files an endpoint returns (gradio_client's default) gets the rows
+    # as they are: no row looks like a file to fetch
+    downloading = gradio_client.Client(app["url"], auth=(USER, PASSWORD), verbose=False,
+                                       download_files=str(tmp_path / "downloads"))
+    assert downloading.predict(api_name="/list_exports") == client.predict(api_name="/list_exports")
     assert folder_tensors(folder).keys() == model.keys()
     assert all(torch_equal(t, model[k]) for k, t in folder_tensors(folder).items()), "copied as stored"
     shards = sorted(folder.glob("model-*-of-*.safetensors"))
@@ -332,6 +339,101 @@ def test_security_defaults_of_the_running_app(app):
             assert PASSWORD.encode() not in path.read_bytes(), path
 
 
+def test_startup_output_names_the_url_and_not_gradios_share_hint(app):
+    output = (app["ws"].root.parent / "app.log").read_text()
+    assert f"Serving on {app['url']}" in output
+    assert "share=True" not in output and "public link" not in output
+    assert "gemm_4bit" not in output
+
+
+def _from(app, address: str) -> httpx.Client:
+    """An HTTP client to the app whose connections come from `address` (any of 127.0.0.0/8)."""
+    return httpx.Client(base_url=app["url"], timeout=10,
+                        transport=httpx.HTTPTransport(local_address=address))
+
+
+def test_repeated_wrong_passwords_are_slowed_down_per_address(app):
+    """Five wrong passwords from one address are answered; the sixth try, even with the right
+    password, gets 429 and Retry-After; another address (a few wrong tries of its own included)
+    logs in at once; after the wait the right password works and clears the count."""
+    from workbench.ui.throttle import LoginThrottle
+
+    wrong = {"username": USER, "password": "not-it"}
+    right = {"username": USER, "password": PASSWORD}
+    free = LoginThrottle().free_attempts
+    with _from(app, "127.0.0.2") as guesser, _from(app, "127.0.0.3") as other:
+        assert [guesser.post("/login", data=wrong).status_code for _ in range(free)] == [400] * free
+        locked = guesser.post("/login", data=wrong)
+        assert locked.status_code == 429, locked.text
+        wait = int(locked.headers["retry-after"])
+        assert 1 <= wait <= 300
+        assert guesser.post("/login", data=right).status_code == 429, "locked: not even checked"
+
+        assert [other.post("/login", data=wrong).status_code for _ in range(2)] == [400, 400]
+        assert other.post("/login", data=right).status_code == 200
+        assert other.get("/gradio_api/info").status_code == 200, "logged in"
+        assert _session(app).get("/gradio_api/info").status_code == 200, "127.0.0.1 unaffected"
+
+        time.sleep(wait + 0.2)
+        assert guesser.post("/login", data=right).status_code == 200
+        assert guesser.post("/login", data=wrong).status_code == 400, "the success cleared the count"
+        assert guesser.post("/login", data=right).status_code == 200
+
+
+def _call(http: httpx.Client, name: str, data: list):
+    """One API call through plain HTTP (Gradio's /gradio_api/call/<name>, then its event stream);
+    returns the endpoint's value."""
+    posted = http.post(f"/gradio_api/call/{name}", json={"data": data})
+    assert posted.status_code == 200, posted.text
+    event = None
+    with http.stream("GET", f"/gradio_api/call/{name}/{posted.json()['event_id']}") as stream:
+        for line in stream.iter_lines():
+            if line.startswith("event: "):
+                event = line.removeprefix("event: ").strip()
+            elif line.startswith("data:") and event in ("complete", "error"):
+                assert event == "complete", line
+                return json.loads(line.removeprefix("data:"))[0]
+    raise AssertionError(f"{name}: the event stream ended without an answer")
+
+
+def test_fifty_concurrent_read_only_calls_all_answer_while_a_job_trains(app):
+    """50 read-only calls at once (list_runs, list_jobs, job_status, get_run, list_exports), through
+    plain HTTP and through gradio_client, while a training job runs: every one answers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    client, count, timeout = app["client"], 50, 60
+    recipe = recipe_to_yaml(tiny_train_recipe(name="api-load", train__max_steps=100_000,
+                                              train__checkpoint_every=0))
+    job = client.predict(recipe, api_name="/submit_recipe")
+    try:
+        deadline = time.monotonic() + 120
+        while (status := client.predict(job["id"], api_name="/job_status"))["step"] < 1:
+            assert status["status"] in ("queued", "running"), status["error"] or status["log_tail"]
+            assert time.monotonic() < deadline, f"no training step within 120 s: {status['log_tail']}"
+            time.sleep(0.5)
+        calls = [("list_runs", []), ("list_jobs", []), ("job_status", [job["id"]]),
+                 ("get_run", [status["current_run"]]), ("list_exports", [])] * (count // 5)
+        limits = httpx.Limits(max_connections=count, max_keepalive_connections=count)
+        cookies = _session(app).cookies
+        with httpx.Client(base_url=app["url"], timeout=timeout, limits=limits, cookies=cookies) as http, \
+                ThreadPoolExecutor(max_workers=count) as pool:
+            by_http = [pool.submit(_call, http, name, data) for name, data in calls]
+            by_client = [pool.submit(lambda n, d: client.submit(*d, api_name=f"/{n}").result(timeout),
+                                     name, data) for name, data in calls]
+            answers = [f.result(timeout=2 * timeout) for f in by_http + by_client]
+        for (name, _), answer in zip(calls * 2, answers):
+            if name == "job_status":
+                assert answer["id"] == job["id"] and answer["status"] == "running"
+            elif name == "get_run":
+                assert answer["id"] == status["current_run"]
+            else:
+                assert isinstance(answer, list), (name, answer)
+        assert status["current_run"] in {r["id"] for r in answers[0]}
+    finally:
+        client.predict(job["id"], api_name="/cancel_job")
+    assert _wait(client, job)["status"] == "cancelled"
+
+
 def test_public_bind_needs_a_password(tmp_path, monkeypatch):
     monkeypatch.delenv("WORKBENCH_AUTH", raising=False)
     result = subprocess.run([sys.executable, str(ROOT / "app.py"), "--host", "0.0.0.0",
@@ -353,6 +455,111 @@ def test_public_bind_needs_a_password(tmp_path, monkeypatch):
     assert config["host"] == "127.0.0.1" and config["port"] == 7999
     assert config["workspace"].root == (tmp_path / "home").resolve()
     assert settings(["--port", "8123"])["port"] == 8123
+
+
+# ----------------------------------------------------------------------------------------------
+# the server's own parts (no server)
+
+
+def test_login_throttle_locks_an_address_for_a_doubling_time_and_a_success_clears_it():
+    from workbench.ui.throttle import LoginThrottle
+
+    now = [1000.0]
+    throttle = LoginThrottle(free_attempts=3, first_lock_s=2.0, max_lock_s=10.0,
+                             forget_after_s=60.0, max_addresses=4, clock=lambda: now[0])
+    for _ in range(2):
+        throttle.attempt("a")
+        assert throttle.retry_after("a") == 0.0, "within the free attempts"
+    throttle.attempt("a")
+    assert throttle.retry_after("a") == 2.0, "the third failure locks for first_lock_s"
+    assert throttle.retry_after("b") == 0.0, "other addresses are not affected"
+    waits = []
+    for _ in range(4):
+        now[0] += throttle.retry_after("a")
+        assert throttle.retry_after("a") == 0.0
+        throttle.attempt("a")
+        waits.append(throttle.retry_after("a"))
+    assert waits == [4.0, 8.0, 10.0, 10.0], "doubling, up to max_lock_s"
+    now[0] += 10.0
+    throttle.attempt("a")
+    throttle.succeeded("a")
+    assert throttle.retry_after("a") == 0.0
+    throttle.attempt("a")
+    assert throttle.retry_after("a") == 0.0, "counting starts again after a success"
+
+    # concurrent attempts count before they are answered: the fourth is already refused
+    for _ in range(3):
+        throttle.attempt("c")
+    assert throttle.retry_after("c") > 0
+    # addresses are forgotten an hour (here: a minute) after their last try, and at most
+    # max_addresses are kept
+    now[0] += 61.0
+    for name in ("d", "e", "f", "g", "h"):
+        throttle.attempt(name)
+    assert set(throttle._addresses) == {"e", "f", "g", "h"}
+
+
+def test_sessions_compute_block_configs_only_when_asked(monkeypatch):
+    """A new session (each plain-HTTP API call is one) computes no block's configuration; the
+    configurations it gives when asked are Gradio's own, updates included."""
+    gr = pytest.importorskip("gradio")
+    from gradio.blocks import BlocksConfig
+    from gradio.state_holder import SessionState
+
+    from workbench.ui.sessions import LazySessionState, LazyStateHolder
+
+    with gr.Blocks() as demo:
+        name = gr.Textbox("x", label="name")
+        choice = gr.Dropdown(["a", "b"], value="a", label="choice")
+        kept = gr.State({"n": 1})
+        gr.Button("go").click(lambda n, c, k: (n, c), [name, choice, kept], [name, choice])
+    computed = []
+    original = BlocksConfig.config_for_block
+
+    def counting(*args, **kwargs):
+        computed.append(args[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(BlocksConfig, "config_for_block", staticmethod(counting))
+    holder = LazyStateHolder()
+    holder.set_blocks(demo)
+    lazy = holder["session-1"]
+    assert isinstance(lazy, LazySessionState) and computed == []
+    assert lazy[kept._id] == {"n": 1} and lazy[name._id] is name
+    eager = SessionState(demo)
+    assert computed and list(lazy.components) == list(eager.components)
+    for state in (lazy, eager):
+        state[choice._id] = gr.Dropdown(["a", "b", "c"], value="c", label="choice")
+        state._update_value_in_config(name._id, "y")
+    assert list(lazy.components) == list(eager.components)
+    assert next(c for c in lazy.components if c["id"] == name._id)["props"]["value"] == "y"
+
+
+def test_bitsandbytes_cpu_kernel_warning_is_dropped_and_nothing_else():
+    import logging
+
+    import workbench  # noqa: F401  (installs the filter)
+
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    handler = Keep()
+    logger.addHandler(handler)
+    try:
+        logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please "
+                       "make sure you already `pip install kernels`", "No module named 'kernels'")
+        logger.warning("some other bitsandbytes warning")
+    finally:
+        logger.removeHandler(handler)
+    assert seen == ["some other bitsandbytes warning"]
+    result = subprocess.run([sys.executable, "-c", "import workbench.models, peft"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "gemm_4bit" not in result.stdout + result.stderr
 
 
 # ----------------------------------------------------------------------------------------------

@@ -782,7 +782,8 @@ def _api(service: Service) -> None:
         return refusing(service.export)(run_id, kind, name, max_shard_mb)
 
     def list_exports() -> list[dict]:
-        """Exports in the workspace, newest first: name, path, kind, source_run, files, bytes."""
+        """Exports in the workspace, newest first: name, folder, relative, kind, source_run,
+        created, files, bytes."""
         return service.exports()
 
     for fn in (validate_recipe, submit_recipe, job_status, list_jobs, stop_job, cancel_job,

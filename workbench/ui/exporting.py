@@ -184,7 +184,9 @@ def _merge_adapter(ws: Workspace, base_ref: str, adapter: Path, out: Path, max_s
 
 
 def list_exports(ws: Workspace) -> list[dict]:
-    """Exports in the workspace, newest first: name, path, kind, source run, files, bytes."""
+    """Exports in the workspace, newest first: name, folder (its absolute path), relative, kind,
+    source run, created, files, bytes. The folder is not under a key `path`: gradio_client takes a
+    dict with a `path` for a file to download, and would try to fetch the folder."""
     folder = ws.root / EXPORTS
     if not folder.is_dir():
         return []
@@ -198,7 +200,7 @@ def list_exports(ws: Workspace) -> list[dict]:
         except (OSError, json.JSONDecodeError):
             pass
         files = sorted(p.name for p in path.iterdir() if p.is_file())
-        found.append({"name": path.name, "path": str(path), "relative": f"{EXPORTS}/{path.name}",
+        found.append({"name": path.name, "folder": str(path), "relative": f"{EXPORTS}/{path.name}",
                       "kind": manifest.get("kind"), "source_run": manifest.get("source_run"),
                       "created": manifest.get("created"), "files": files,
                       "bytes": sum((path / f).stat().st_size for f in files)})

@@ -14,8 +14,14 @@
   `--allow-pickle`; the job and playground workers run under the same policy.
 - The password is kept in memory only: it is removed from the environment the job workers and
   the playground's generation worker inherit, and is written into no file.
+- Wrong passwords are slowed down: after a few failed logins in a row, an address waits a
+  doubling time before its next try (`throttle`).
+- A new Gradio session (each plain-HTTP API call is one) costs next to nothing (`sessions`), so
+  concurrent read-only calls do not wait for one another.
 - Jobs (training, merging, quantizing, evaluating, exporting) run in worker processes one at a
   time, at a lower CPU priority than the app; generation runs in its own worker process.
+- Gradio's own start-up lines are left out (its hint about share links does not apply here); the
+  app prints where it serves.
 """
 
 from __future__ import annotations
@@ -149,10 +155,31 @@ def launch_app(config: dict, block: bool = True):
         share=False, max_file_size=f"{config['max_upload_mb']}mb",
         allowed_paths=[str(ws.root)], enable_monitoring=False, run_history=False,
         footer_links=["api", "settings"], ssr_mode=False, mcp_server=False, pwa=False,
-        show_error=False, inbrowser=False, prevent_thread_lock=not block, css=CSS,
+        show_error=False, inbrowser=False, prevent_thread_lock=True, css=CSS, quiet=True,
         auth_message="Adapter workbench: log in with the --auth / WORKBENCH_AUTH user.",
+        app_kwargs=server_hooks(),
     )
+    print(f"Serving on {serving_url(config['host'], demo.server_port)}", flush=True)
+    if block:
+        demo.block_thread()
     return demo
+
+
+def server_hooks() -> dict:
+    """What the app adds to Gradio's web server (FastAPI settings for `launch(app_kwargs=...)`):
+    the login throttle in front of `/login`, and cheap sessions installed at start-up."""
+    from starlette.middleware import Middleware
+
+    from .sessions import lazy_sessions_lifespan
+    from .throttle import LoginThrottleMiddleware
+
+    return {"middleware": [Middleware(LoginThrottleMiddleware)], "lifespan": lazy_sessions_lifespan}
+
+
+def serving_url(host: str, port: int) -> str:
+    """The address to open in a browser (an IPv6 address in brackets)."""
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}/"
 
 
 def main(argv: list[str] | None = None, prog: str = "app.py") -> int:

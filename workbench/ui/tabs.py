@@ -261,7 +261,7 @@ def export_tab(service: Service) -> dict:
 
 def exports_frame(exports: list[dict]) -> pd.DataFrame:
     rows = [[e["name"], e.get("kind"), e.get("source_run"), ", ".join(e["files"]),
-             round(e["bytes"] / 2**20, 3), e["path"]] for e in exports]
+             round(e["bytes"] / 2**20, 3), e["folder"]] for e in exports]
     return pd.DataFrame(rows, columns=EXPORTS)
 
 
