@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import pytest
 import yaml
 
 from conftest import folder_tensors, tiny_train_recipe
+from helpers import served_app
 from workbench.recipes import RoadSpec, TrainRecipe, parse_recipe, recipe_to_yaml
 from workbench.ui.forms import Form
 from workbench.ui.launch import LaunchRefused, settings
@@ -29,12 +29,6 @@ EXAMPLES = ROOT / "examples"
 USER, PASSWORD = "tester", "pw-7f3a9c-not-in-any-file"
 
 gradio_client = pytest.importorskip("gradio_client")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -48,32 +42,10 @@ def app(base_workspace, tmp_path_factory):
     ws.runs_dir.mkdir(parents=True)
     base = base_workspace.latest("pretrain", DEFAULT_BASE_NAME)
     (ws.runs_dir / base.id).symlink_to(base.folder, target_is_directory=True)
-    port = _free_port()
-    env = {**os.environ, "WORKBENCH_AUTH": f"{USER}:{PASSWORD}", "WORKBENCH_WORKER_NICE": "0"}
-    env.pop("GRADIO_SERVER_PORT", None)
-    log = open(ws.root.parent / "app.log", "wb")
-    process = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port),
-                                "--workspace", str(ws.root), "--max-upload-mb", "1"],
-                               cwd=ws.root.parent, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 120
-    while True:
-        assert process.poll() is None, (ws.root.parent / "app.log").read_text()
-        try:
-            if httpx.get(url, timeout=2).status_code < 500:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "the app did not answer within 120 s"
-        time.sleep(0.5)
-    client = gradio_client.Client(url, auth=(USER, PASSWORD), verbose=False, download_files=False)
-    yield {"url": url, "client": client, "ws": ws, "base": base, "port": port}
-    process.terminate()
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-    log.close()
+    with served_app(ws.root, ws.root.parent / "app.log", "--max-upload-mb", "1",
+                    auth=f"{USER}:{PASSWORD}") as url:
+        client = gradio_client.Client(url, auth=(USER, PASSWORD), verbose=False, download_files=False)
+        yield {"url": url, "client": client, "ws": ws, "base": base}
 
 
 def _session(app) -> httpx.Client:
