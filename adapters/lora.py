@@ -7,18 +7,56 @@ init, s = α/r (or α/√r with rsLoRA, Kalajdzievski 2023). Saved in PEFT's fol
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Literal, Union
 
 import torch
+from pydantic import Field
 
-from workbench.recipes import LoraSpec
+from workbench.sections import Strict
 
 PEFT_TASK_TYPES = {"causal-lm": "CAUSAL_LM", "sequence-classification": "SEQ_CLS",
                    "feature-extraction": "FEATURE_EXTRACTION"}
 
 
-class LoraMethod:
+class LoraSpec(Strict):
+    """LoRA through PEFT: ΔW = (α/r)·B·A (or α/√r with rsLoRA)."""
+
+    method: Literal["lora"] = "lora"
+    r: int = Field(16, ge=1, le=4096)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
+    use_rslora: bool = False
+
+
+def peft_type(folder: Path) -> str | None:
+    """The `peft_type` a PEFT adapter folder's config names (None for no PEFT folder)."""
+    config = Path(folder) / "adapter_config.json"
+    if not config.is_file():
+        return None
+    try:
+        return json.loads(config.read_text(encoding="utf-8")).get("peft_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+class PeftSaved:
+    """What the methods PEFT saves share: a folder told by its config's `peft_type`."""
+
+    peft_type: str
+    config_files = ("adapter_config.json",)
+
+    def detect(self, folder: Path) -> bool:
+        return peft_type(folder) == self.peft_type
+
+
+class LoraMethod(PeftSaved):
     name = "lora"
+    spec = LoraSpec
+    label = "LoRA adapter"
+    peft_type = "LORA"
 
     def attach(self, model: torch.nn.Module, spec: LoraSpec, task: str = "causal-lm",
                gradient_checkpointing: bool = False, locate=None) -> torch.nn.Module:
@@ -39,10 +77,18 @@ class LoraMethod:
     def save(self, model, tokenizer, folder: Path, base_ref: str) -> None:
         save_peft_folder(model, tokenizer, folder, base_ref)
 
+    def load(self, model: torch.nn.Module, folder: Path, trainable: bool = False) -> torch.nn.Module:
+        return load(model, folder, trainable)
+
     def task_vector(self, folder: Path, base_folder: Path | None = None):
         from merge.task_vectors import LoraTaskVector
 
         return LoraTaskVector.from_peft_folder(folder)
+
+    def delta_reader(self, folder: Path, layout: dict, stack):
+        from merge.dense import LoraDelta
+
+        return LoraDelta(folder, layout)
 
 
 def load(model: torch.nn.Module, folder: Path, trainable: bool = False) -> torch.nn.Module:
@@ -58,3 +104,6 @@ def save_peft_folder(model, tokenizer, folder: Path, base_ref: str) -> None:
     model.save_pretrained(folder, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
+
+
+METHOD = LoraMethod()

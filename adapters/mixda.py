@@ -43,17 +43,18 @@ import json
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ClassVar
+from typing import Callable, ClassVar, Literal
 
 import torch
+from pydantic import Field, model_validator
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from workbench.data import IGNORE
 from workbench.export import atomic_folder
-from workbench.recipes import LoraSpec, MixdaSpec
+from workbench.sections import ModelRef, Strict
 
-from .lora import save_peft_folder
+from .lora import LoraSpec, save_peft_folder
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
 BERT_FAMILY = ("bert", "roberta")
@@ -63,6 +64,34 @@ PEFT_TASK_TYPES = {"causal-lm": "CAUSAL_LM", "feature-extraction": "FEATURE_EXTR
 HEAD_NAMES = ("score", "classifier")
 CONFIG_FILE, WEIGHTS_FILE, LORA_FOLDER = "mixda_config.json", "mixda.safetensors", "task_lora"
 META_ATTR = "_mixda_meta"
+
+
+class MixdaSpec(Strict):
+    """MixDA domain adapters (Diao et al. 2023) beside the FFN output projection, mixed by a gate.
+
+    Stage 1 (unlabelled domain text, backbone frozen): trains one bottleneck adapter K and the
+    gate with L = λ·L_K + L_S (L_S keeps the mixed FFN output close to the original on the replay
+    data, which must be general text). Stage 2: the `domain_adapters` (stage-1 runs) are frozen;
+    a new gate over [K_1..K_n, F] and a LoRA task adapter train on labelled or instruction data.
+    """
+
+    method: Literal["mixda"] = "mixda"
+    stage: Literal[1, 2] = 1
+    layers: list[int] | None = Field(None, description="Layer indices to adapt; all when unset.")
+    bottleneck: int = Field(64, ge=1, le=65536)
+    lambda_k: float = Field(0.5, ge=0.0, description="Weight λ of the domain LM loss in stage 1.")
+    domain_adapters: list[ModelRef] = Field(
+        default_factory=list, description="Stage 2: `run:<id>` or folders of stage-1 MixDA runs.")
+    task_lora: LoraSpec | None = Field(
+        default_factory=LoraSpec, description="Stage 2: the task adapter trained with the gate.")
+
+    @model_validator(mode="after")
+    def _stage_inputs(self) -> "MixdaSpec":
+        if self.stage == 2 and not self.domain_adapters:
+            raise ValueError("adapter.domain_adapters: stage 2 needs at least one stage-1 MixDA run")
+        if self.stage == 1 and self.domain_adapters:
+            raise ValueError("adapter.domain_adapters is for stage 2; stage 1 trains a new adapter")
+        return self
 
 
 class MixdaError(ValueError):
@@ -353,9 +382,21 @@ def _attach_lora(model: nn.Module, spec: LoraSpec, task: str) -> nn.Module:
 
 
 class MixdaMethod:
-    """The adapter-method protocol (adapters.protocol) for MixDA."""
+    """The adapter method (`workbench.methods.AdapterMethod`) for MixDA."""
 
     name = "mixda"
+    spec = MixdaSpec
+    label = "MixDA folder"
+    config_files = (CONFIG_FILE,)
+
+    def detect(self, folder: Path) -> bool:
+        return (Path(folder) / CONFIG_FILE).is_file()
+
+    def load(self, model: nn.Module, folder: Path, trainable: bool = False) -> nn.Module:
+        return load(model, folder, trainable)
+
+    def delta_reader(self, folder: Path, layout: dict, stack):
+        return None  # module weights of an adapter the base lacks: they merge with MixDA only
 
     def attach(self, model: nn.Module, spec: MixdaSpec, task: str = "causal-lm",
                gradient_checkpointing: bool = False,
@@ -692,3 +733,6 @@ class MixdaTaskVector:
                                                             "added_tokens", "merges", "chat_template")):
                     shutil.copy2(path, tmp / path.name)
         return Path(folder)
+
+
+METHOD = MixdaMethod()

@@ -21,23 +21,51 @@ from __future__ import annotations
 import itertools
 import json
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 from pathlib import Path
 
 import torch
+from pydantic import Field
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from workbench.models import embedding_fingerprint
-from workbench.recipes import PromptSpec
+from workbench.sections import DataRef, ModelRef, Strict
 
-from .lora import PEFT_TASK_TYPES, save_peft_folder
+from .lora import PEFT_TASK_TYPES, PeftSaved, save_peft_folder
 
 INIT_FILE = "prompt_init.safetensors"
 PROMPT_KEY = "prompt_embeddings"  # PEFT's key for the soft prompt
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "tokenizer.model", "added_tokens.json")
 MAX_SEARCH = 64  # combinations tried by the λ search at most
+
+
+class PromptInit(Strict):
+    """One earlier task prompt vector (`run:<id>` of a prompt-tuning run, or its folder) and its λ."""
+
+    path: ModelRef
+    weight: float = 1.0
+
+
+class PromptSpec(Strict):
+    """Soft prompt tuning through PEFT, kept as a task prompt vector τ = P_tuned − P_init.
+
+    The initial prompt P_init is drawn from `init_seed` (random rows of the embedding table's
+    scale) and stored beside the tuned one. With `init_from`, the run starts at
+    P_init + Σ λ_t τ_t of earlier runs that share this P_init (Belanec et al. 2024).
+    """
+
+    method: Literal["prompt"] = "prompt"
+    num_virtual_tokens: int = Field(16, ge=1, le=1024)
+    init_seed: int = 0
+    init_from: list[PromptInit] = Field(default_factory=list)
+    lambda_grid: list[float] = Field(
+        default_factory=list,
+        description="Search each init_from weight over these values (replaces the given weights).")
+    lambda_validation: DataRef | None = Field(
+        None, description="Text source scored by the λ search; the training data when unset.")
+    lambda_rows: int = Field(16, ge=1, description="Validation rows scored per λ combination.")
 
 
 class PromptVectorError(ValueError):
@@ -199,8 +227,17 @@ def search_lambdas(model, init: torch.Tensor, vectors: list[TaskPromptVector], g
     return best["lambdas"], table
 
 
-class PromptMethod:
+class PromptMethod(PeftSaved):
     name = "prompt"
+    spec = PromptSpec
+    label = "task prompt vector"
+    peft_type = "PROMPT_TUNING"
+
+    def load(self, model: torch.nn.Module, folder: Path, trainable: bool = False) -> torch.nn.Module:
+        return load(model, folder, trainable)
+
+    def delta_reader(self, folder: Path, layout: dict, stack):
+        return None  # P_tuned − P_init lives in prompt space: it merges with prompt vectors only
 
     def attach(self, model: torch.nn.Module, spec: PromptSpec, task: str = "causal-lm",
                gradient_checkpointing: bool = False, locate=None) -> torch.nn.Module:
@@ -265,3 +302,6 @@ def describe(folder: Path) -> dict:
     """The metadata of a saved task prompt vector (for `workbench show` and reports)."""
     with safe_open(Path(folder) / INIT_FILE, "pt") as f:
         return json.loads(json.dumps(dict(f.metadata())))
+
+
+METHOD = PromptMethod()

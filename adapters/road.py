@@ -20,15 +20,37 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Annotated, ClassVar, Literal, Union
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from workbench.recipes import RoadSpec
+from pydantic import Field, model_validator
 
-from .lora import PEFT_TASK_TYPES, save_peft_folder
+from workbench.sections import Strict
+
+from .lora import PEFT_TASK_TYPES, PeftSaved, save_peft_folder
+
+
+class RoadSpec(Strict):
+    """RoAd through PEFT (Liao & Monz 2024): each adapted layer's output is rotated in 2-D pairs.
+
+    z = R·(W x + b), R block-diagonal with blocks α·[[cos θ, −sin θ], [sin θ, cos θ]] (road_1; road_2
+    and road_4 untie the entries). `group_size` must divide every adapted layer's output width;
+    `auto` takes the largest of 64, 32, ..., 2 that does.
+    """
+
+    method: Literal["road"] = "road"
+    variant: Literal["road_1", "road_2", "road_4"] = "road_1"
+    group_size: Union[Literal["auto"], Annotated[int, Field(ge=2, le=65536)]] = "auto"
+    target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
+
+    @model_validator(mode="after")
+    def _even_group(self) -> "RoadSpec":
+        if self.group_size != "auto" and self.group_size % 2:
+            raise ValueError(f"adapter.group_size must be even (got {self.group_size})")
+        return self
 
 
 class RoadError(ValueError):
@@ -73,8 +95,19 @@ def choose_group_size(model: torch.nn.Module, spec: RoadSpec) -> int:
     return spec.group_size
 
 
-class RoadMethod:
+class RoadMethod(PeftSaved):
     name = "road"
+    spec = RoadSpec
+    label = "RoAd adapter"
+    peft_type = "ROAD"
+
+    def load(self, model: torch.nn.Module, folder: Path, trainable: bool = False) -> torch.nn.Module:
+        return load(model, folder, trainable)
+
+    def delta_reader(self, folder: Path, layout: dict, stack):
+        from merge.dense import RoadDelta
+
+        return RoadDelta(folder, layout, stack)
 
     def attach(self, model: torch.nn.Module, spec: RoadSpec, task: str = "causal-lm",
                gradient_checkpointing: bool = False, locate=None) -> torch.nn.Module:
@@ -307,3 +340,6 @@ class RoadTaskVector:
         with atomic_folder(Path(folder)) as tmp:
             (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
             save_file(tensors, tmp / "adapter_model.safetensors")
+
+
+METHOD = RoadMethod()

@@ -193,7 +193,7 @@ def build_setup(args):
     from adapters.lora import LoraMethod
     from workbench.data import pack
     from workbench.models import build_model_from_config, resolve_dtype
-    from workbench.recipes import LoraSpec
+    from adapters.lora import LoraSpec
 
     if args.threads:
         torch.set_num_threads(args.threads)

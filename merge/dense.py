@@ -167,20 +167,15 @@ class VectorDelta:
 def delta_readers(folders: list[Path], layout: dict, stack: ExitStack) -> list[DeltaReader]:
     """One task-vector reader per input folder, by its kind: dense deltas over the base's tensors
     for models, LoRA and RoAd; the vector itself for task prompt vectors and MixDA folders."""
+    from workbench.methods import get_method
+
     from .preflight import input_kind
-    from .task_vectors import load_task_vector
 
     readers: list[DeltaReader] = []
     for folder in map(Path, folders):
-        kind = input_kind(folder)
-        if kind == "full":
-            readers.append(FullModelDelta(folder, layout, stack))
-        elif kind == "lora":
-            readers.append(LoraDelta(folder, layout))
-        elif kind == "road":
-            readers.append(RoadDelta(folder, layout, stack))
-        else:
-            readers.append(VectorDelta(load_task_vector(folder)))
+        method = get_method(input_kind(folder))  # the method that saved the folder gives its reader
+        reader = method.delta_reader(folder, layout, stack)
+        readers.append(reader if reader is not None else VectorDelta(method.task_vector(folder)))
     return readers
 
 

@@ -22,9 +22,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from workbench.methods import adapter_config_files, described, method_of_folder, methods
 from workbench.models import read_safetensors_header
-
-from .task_vectors import KIND_NAMES
 
 
 def _tokenizer_identity(folder: Path) -> tuple | None:
@@ -60,7 +59,6 @@ def check_same_tokenizer(base_folder: Path, inputs: list[Path]) -> None:
 # ----------------------------------------------------------------------------------------------
 # Kinds and what they make together
 
-MERGEABLE_PEFT_TYPES = {"LORA": "lora", "ROAD": "road", "PROMPT_TUNING": "prompt"}
 ARCHITECTURE_KEYS = ("model_type", "architectures", "hidden_size", "intermediate_size",
                      "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
                      "vocab_size", "tie_word_embeddings")
@@ -77,21 +75,19 @@ def _read_json(path: Path) -> dict:
 
 
 def input_kind(folder: Path) -> str:
-    """What a merge input folder holds, from its config files only."""
+    """What a merge input folder holds: the name of the registered method that saved it
+    (`workbench.methods.method_of_folder`, from its config files only)."""
     folder = Path(folder)
-    if (folder / "mixda_config.json").is_file():
-        return "mixda"
+    method = method_of_folder(folder)
+    if method is not None:
+        return method.name
     config_path = folder / "adapter_config.json"
     if config_path.is_file():
         peft_type = _read_json(config_path).get("peft_type")
-        if peft_type not in MERGEABLE_PEFT_TYPES:
-            raise ValueError(f"{config_path}: a {peft_type} adapter cannot be merged (mergeable: "
-                             "LoRA, RoAd, prompt tuning saved with its initial prompt, MixDA)")
-        return MERGEABLE_PEFT_TYPES[peft_type]
-    if (folder / "config.json").is_file():
-        return "full"
+        known = ", ".join(m.label for m in methods().values())
+        raise ValueError(f"{config_path}: a {peft_type} adapter cannot be merged (mergeable: {known})")
     raise FileNotFoundError(f"{folder}: neither a model folder (config.json) nor an adapter "
-                            "folder (adapter_config.json, mixda_config.json)")
+                            f"folder ({', '.join(adapter_config_files())})")
 
 
 def road_variant(folder: Path) -> tuple[str, int]:
@@ -119,13 +115,13 @@ def plan_merge(kinds: list[str], variants: list, method: str, output: str) -> st
             for i, kind in enumerate(kinds):
                 if kind != special:
                     raise ValueError(
-                        f"inputs.{first} is {KIND_NAMES[special]} and inputs.{i} is {KIND_NAMES[kind]}: "
-                        f"they cannot be combined ({KIND_NAMES[special]} merges only with others of "
+                        f"inputs.{first} is {described(special)} and inputs.{i} is {described(kind)}: "
+                        f"they cannot be combined ({described(special)} merges only with others of "
                         "its kind" + (", sharing one P_init" if special == "prompt" else
                                       ", adapting the same layers") + ")")
             if output != "adapter":
                 what = "a prompt-tuning adapter" if special == "prompt" else "a MixDA folder"
-                raise ValueError(f"{KIND_NAMES[special]}s merge into {what}, not into the model's "
+                raise ValueError(f"{described(special)}s merge into {what}, not into the model's "
                                  "weights; set output: adapter")
             return special
     if method == "task_arithmetic" and set(kinds) == {"lora"}:
@@ -137,7 +133,7 @@ def plan_merge(kinds: list[str], variants: list, method: str, output: str) -> st
         raise ValueError(
             "output: adapter with RoAd inputs needs method: task_arithmetic over road_1 RoAd "
             "adapters of one group size only (their rotations compose into one adapter); got "
-            f"method {method} over {', '.join(sorted(set(KIND_NAMES[k] for k in kinds)))}"
+            f"method {method} over {', '.join(sorted(set(described(k) for k in kinds)))}"
             + (" (road_2/road_4 or different group sizes)" if set(kinds) == {"road"} else "")
             + "; use output: model to merge them as dense deltas")
     return "dense"

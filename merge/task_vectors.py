@@ -33,10 +33,10 @@ from typing import ClassVar, Protocol
 import torch
 from safetensors import safe_open
 
+from workbench.methods import described, method_of_folder
+
 PEFT_PREFIX = "base_model.model."
 WEIGHT_SPACE = ("full", "lora")  # kinds whose tensors are deltas of the model's own weights
-KIND_NAMES = {"full": "a full model", "lora": "a LoRA adapter", "road": "a RoAd adapter",
-              "prompt": "a task prompt vector", "mixda": "a MixDA folder"}
 
 
 class TaskVectorError(ValueError):
@@ -211,10 +211,10 @@ def _check_same_space(a, b) -> None:
     if ka == kb or (ka in WEIGHT_SPACE and kb in WEIGHT_SPACE):
         return
     if "road" in (ka, kb) and {ka, kb} <= {"road", *WEIGHT_SPACE}:
-        raise TaskVectorError(f"{KIND_NAMES[ka]} and {KIND_NAMES[kb]} live in different spaces (RoAd: "
+        raise TaskVectorError(f"{described(ka)} and {described(kb)} live in different spaces (RoAd: "
                               "rotation angles and scales); bring the RoAd vector into weight space "
                               "with RoadTaskVector.to_dense(base_folder) first")
-    raise TaskVectorError(f"{KIND_NAMES[ka]} cannot be combined with {KIND_NAMES[kb]}: they live in "
+    raise TaskVectorError(f"{described(ka)} cannot be combined with {described(kb)}: they live in "
                           "different spaces (task prompt vectors combine only with task prompt "
                           "vectors of the same P_init, MixDA folders only with MixDA folders)")
 
@@ -278,24 +278,10 @@ def load_task_vector(folder: Path, base_folder: Path | None = None):
     from .preflight import input_kind
 
     folder = Path(folder)
-    kind = input_kind(folder)
-    if kind == "full":
-        if base_folder is None:
-            raise TaskVectorError(f"{folder}: a full model's task vector needs its base folder")
-        return DenseTaskVector.difference(folder, Path(base_folder))
-    if kind == "lora":
-        return LoraTaskVector.from_peft_folder(folder)
-    if kind == "road":
-        from adapters.road import RoadTaskVector
-
-        return RoadTaskVector.from_peft_folder(folder)
-    if kind == "prompt":
-        from adapters.prompt import TaskPromptVector
-
-        return TaskPromptVector.from_folder(folder)
-    from adapters.mixda import MixdaTaskVector
-
-    return MixdaTaskVector.from_folder(folder)
+    kind = input_kind(folder)  # the registered method that saved it, or a clear error
+    if kind == "full" and base_folder is None:
+        raise TaskVectorError(f"{folder}: a full model's task vector needs its base folder")
+    return method_of_folder(folder).task_vector(folder, None if base_folder is None else Path(base_folder))
 
 
 def _tensor_locations(folder: Path) -> dict[str, Path]:

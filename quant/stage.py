@@ -17,8 +17,8 @@ from workbench.data import read_texts
 from workbench.engine import seed_everything
 from workbench.evaluate import embedding_cosine, evaluate_model, general_embeddings
 from workbench.models import ModelLoadError, is_encoder, load_model, max_sequence_length, resolve_source
-from workbench.recipes import QuantizeRecipe, recipe_to_yaml
-from workbench.stages import _parents, say
+from workbench.sections import recipe_to_yaml
+from workbench.stage_support import run_parents, say
 from workbench.workspace import Run, Workspace, write_json
 
 from .export import export_compressed, export_dequantized, weights_size
@@ -27,6 +27,7 @@ from .flexround import (calibration_batches, flexround_quantize, load_checkpoint
 from .report import (NF4Unavailable, build_report, float_bytes, format_quant_report, quantize_model_nf4,
                      quantized_bytes, timed)
 from .rtn import QuantError, WeightQuantSpec, check_model, quantize_model_rtn
+from .spec import QuantizeRecipe
 
 CHECKPOINT = "flexround-checkpoint"
 DEQUANTIZED = "model"
@@ -65,7 +66,7 @@ def run_quantize(recipe: QuantizeRecipe, ws: Workspace, run: Run | None = None, 
                              "quantized; quantize starts from full-precision weights (load_in: none)")
     if run is None:
         run = ws.create_run("quantize", recipe.name, recipe_to_yaml(recipe), recipe.seed,
-                            parents=_parents(source.ref))
+                            parents=run_parents(source.ref))
     with ws.running(run):
         seed_everything(recipe.seed)
         encoder = is_encoder(source.folder)

@@ -11,7 +11,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from workbench.base import DEFAULT_BASE_NAME, run_pretrain  # noqa: E402
-from workbench.recipes import (DataSpec, EvalSpec, LoraSpec, ModelSpec, PretrainRecipe,  # noqa: E402
+from adapters.lora import LoraSpec  # noqa: E402
+from workbench.recipes import (DataSpec, EvalSpec, ModelSpec, PretrainRecipe,  # noqa: E402
                                TrainRecipe, TrainSpec, WorldSpec)
 from workbench.workspace import Workspace  # noqa: E402
 

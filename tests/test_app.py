@@ -20,7 +20,8 @@ import yaml
 
 from conftest import folder_tensors, tiny_train_recipe
 from helpers import served_app
-from workbench.recipes import RoadSpec, TrainRecipe, parse_recipe, recipe_to_yaml
+from adapters.road import RoadSpec
+from workbench.recipes import TrainRecipe, parse_recipe, recipe_to_yaml
 from workbench.ui.forms import Form
 from workbench.ui.launch import LaunchRefused, settings
 

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from adapters import mixda
-from adapters.mixda import MixdaMethod
+from adapters.mixda import MixdaMethod, MixdaSpec
 from workbench.data import DataError, read_labelled
 from workbench.data import IGNORE
 from workbench.engine import TokenMasker
 from workbench.models import load_model, load_tokenizer
-from workbench.recipes import (DataSpec, EvalSpec, MixdaSpec, ModelSpec, TrainRecipe, TrainSpec,
+from workbench.recipes import (DataSpec, EvalSpec, ModelSpec, TrainRecipe, TrainSpec,
                                parse_recipe)
 from workbench.stages import run_train
 

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from adapters import get_method
+from workbench.methods import get_method
 from conftest import tiny_train_recipe
 from workbench.models import load_model
 from workbench.recipes import ModelSpec

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from adapters import get_method
+from workbench.methods import get_method
 from conftest import random_lora_adapter, tiny_train_recipe
 from merge.instruction_vector import instruction_vector_plan
 from workbench.evaluate import evaluate_model

@@ -44,7 +44,7 @@ def test_task_vector_is_scaled_product_of_factors(workspace):
     config = json.loads((folder / "adapter_config.json").read_text())
     scale = config["lora_alpha"] / config["r"] ** 0.5  # rsLoRA: α/√r
     raw = load_file(folder / "adapter_model.safetensors")
-    from adapters import get_method
+    from workbench.methods import get_method
 
     vector = get_method("lora").task_vector(folder).dense()
     key = "base_model.model.model.layers.0.self_attn.q_proj"

@@ -22,7 +22,8 @@ from merge.dense import RoadDelta, merge_folders
 from merge.streaming import model_layout
 from merge.task_vectors import (Cosine, DenseTaskVector, LoraTaskVector, TaskVectorError, cosine,
                                 load_task_vector, weighted_sum)
-from workbench.recipes import MixdaSpec, PromptSpec
+from adapters.mixda import MixdaSpec
+from adapters.prompt import PromptSpec
 from conftest import folder_tensors
 
 IDS = torch.tensor([[1, 5, 9, 13, 2, 40, 63, 7]])

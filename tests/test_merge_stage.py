@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from adapters import get_method
+from workbench.methods import get_method
 from conftest import tiny_train_recipe
 from workbench.models import load_model
 from workbench.recipes import MergeInput, MergeRecipe, ModelSpec

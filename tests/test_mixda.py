@@ -15,7 +15,8 @@ from transformers import (BertConfig, BertForSequenceClassification, GPT2Config,
 
 from adapters.mixda import (MixdaError, MixdaMethod, MixdaTaskVector, consistency_per_row, load,
                             mixda_layers, set_recording)
-from workbench.recipes import LoraSpec, MixdaSpec
+from adapters.lora import LoraSpec
+from adapters.mixda import MixdaSpec
 
 METHOD = MixdaMethod()
 SEQ = "sequence-classification"

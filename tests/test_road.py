@@ -10,12 +10,13 @@ import torch
 from peft import PeftModel, RoadConfig, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from adapters import get_method
+from workbench.methods import get_method
 from adapters.road import RoadError, RoadTaskVector, load_many, merge_into_weights
 from conftest import tiny_train_recipe
 from workbench.export import save_model_folder
 from workbench.models import load_model
-from workbench.recipes import ModelSpec, RoadSpec
+from adapters.road import RoadSpec
+from workbench.recipes import ModelSpec
 from workbench.stages import run_train
 
 IDS = torch.tensor([[1, 5, 9, 13, 2, 7, 30, 31], [4, 4, 8, 16, 23, 42, 3, 0]])

@@ -8,18 +8,18 @@ held-out general perplexity beside an add-one unigram baseline on the same token
 
 from __future__ import annotations
 
-from adapters import get_method
 
 from .data import BatchPlan, encode_documents, get_world, pack_source
 from .engine import make_accelerator, seed_everything, train_loop
 from .evaluate import evaluate_model
 from .export import save_model_folder
-from .models import build_model_from_config, builtin_config
+from .methods import get_method
+from .models import (DEFAULT_BASE_NAME, build_model_from_config, builtin_config,
+                     set_default_base_builder)
 from .recipes import PretrainRecipe, recipe_to_yaml
-from .stages import check_seq_len, say, total_steps
+from .stage_support import check_seq_len, say, total_steps
 from .workspace import Run, Workspace, write_json
 
-DEFAULT_BASE_NAME = "default-base"
 
 
 def run_pretrain(recipe: PretrainRecipe, ws: Workspace, run: Run | None = None,
@@ -80,3 +80,5 @@ def ensure_default_base(ws: Workspace) -> Run:
     say(f"No embedded base in {ws.root} yet: building it once (a few minutes on 2 CPU cores).")
     return run_pretrain(PretrainRecipe(name=DEFAULT_BASE_NAME), ws)
 
+
+set_default_base_builder(ensure_default_base)

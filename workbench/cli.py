@@ -10,7 +10,7 @@ import traceback
 
 from . import resolver
 from .recipes import EvalRecipe, EvalSpec, ModelSpec, RecipeError, load_recipe, recipe_to_yaml
-from .workspace import Workspace
+from .workspace import Workspace, headline
 
 
 def _workspace(args) -> Workspace:
@@ -34,16 +34,6 @@ def cmd_resume(args) -> int:
     return 0
 
 
-def _headline(info: dict) -> str:
-    summary = info.get("summary") or {}
-    if "domain_gain_pct" in summary:
-        return (f"gain {summary['domain_gain_pct']:+.1f}%  "
-                f"forgetting {summary['general_forgetting_pct']:+.1f}%")
-    if "general_ppl" in summary:
-        return f"general ppl {summary['general_ppl']:.2f}"
-    return info.get("error") or ""
-
-
 def cmd_runs(args) -> int:
     runs = _workspace(args).runs()
     if not runs:
@@ -53,7 +43,7 @@ def cmd_runs(args) -> int:
     for run in runs:
         info = run.info
         rows.append((run.id, info.get("kind", "?"), run.status,
-                     ",".join(p[:15] for p in info.get("parents", [])) or "-", _headline(info)))
+                     ",".join(p[:15] for p in info.get("parents", [])) or "-", headline(info)))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for row in rows:
         print("  ".join(c.ljust(widths[i]) for i, c in enumerate(row[:4])) + "  " + row[4])

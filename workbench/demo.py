@@ -6,7 +6,9 @@ embedded base first when the workspace has none) and `--quick` runs a shorter ve
 
 from __future__ import annotations
 
-from .recipes import DataSpec, EvalSpec, LoraSpec, ModelSpec, TrainRecipe, TrainSpec
+from adapters.lora import LoraSpec
+
+from .recipes import DataSpec, EvalSpec, ModelSpec, TrainRecipe, TrainSpec
 
 
 def demo_recipe(quick: bool = False) -> TrainRecipe:

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .data import IGNORE, BatchPlan
-from .recipes import TrainSpec
+from .sections import TrainSpec
 from .workspace import Run, write_json
 
 

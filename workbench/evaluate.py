@@ -20,7 +20,7 @@ import torch
 from .data import (IGNORE, _sentences, encode_documents, encode_labelled, pack, read_examples,
                    read_labelled, read_texts)
 from .engine import masked_nll_sum, next_token_nll_sum
-from .recipes import EvalSpec
+from .sections import EvalSpec
 
 
 def _device(model) -> torch.device:

@@ -12,14 +12,15 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import torch
 
-from quant.bnb import BitsAndBytesUnavailable, bnb_quantization_config
+from .bnb import BitsAndBytesUnavailable, bnb_quantization_config
 
 from . import resolver
-from .recipes import ModelSpec
+from .methods import adapter_config_files, is_adapter_folder, method_of_folder
+from .sections import ModelSpec
 from .resolver import HUB_ID
 
 if TYPE_CHECKING:
@@ -40,8 +41,6 @@ BUILTIN_CONFIGS: dict[str, dict] = {
                        vocab_size=32000),
 }
 
-# PEFT adapters (LoRA, RoAd, prompt tuning) and MixDA folders, which PEFT does not know
-ADAPTER_CONFIG_FILES = ("adapter_config.json", "mixda_config.json")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
@@ -177,11 +176,9 @@ def resolve_source(ref: str, workspace: "Workspace | None" = None, *,
     for.
     """
     if ref == "default":
-        from .base import ensure_default_base
-
         if workspace is None:
             raise ModelLoadError("the embedded default base needs a workspace")
-        return resolve_source(f"run:{ensure_default_base(workspace).id}", workspace)
+        return resolve_source(f"run:{default_base(workspace).id}", workspace)
     if ref.startswith("config:"):
         name = ref.split(":", 1)[1]
         builtin_config(name)
@@ -197,7 +194,7 @@ def resolve_source(ref: str, workspace: "Workspace | None" = None, *,
         if not path.is_dir():
             raise ModelLoadError(f"{path}: a model is a folder (config.json + weights), not a file")
         resolver.current().folder_contents(path, "model")
-        if any((path / name).is_file() for name in ADAPTER_CONFIG_FILES):
+        if is_adapter_folder(path):
             if adapter_base is None:
                 base = recorded_base(path)
                 if not base:
@@ -210,6 +207,28 @@ def resolve_source(ref: str, workspace: "Workspace | None" = None, *,
     if HUB_ID.match(ref) and not ref.startswith((".", "/", "~")):
         return ModelSource(ref=ref, folder=_download_from_hub(ref))
     raise ModelLoadError(f"model '{ref}' not found: no such folder, and not a hub id (org/name)")
+
+
+DEFAULT_BASE_NAME = "default-base"  # the pretrain run that `default` names
+_default_base_builder: Callable[["Workspace"], Any] | None = None
+
+
+def set_default_base_builder(build: Callable[["Workspace"], Any]) -> None:
+    """How `default` is built when a workspace has none yet (`workbench.base` registers the
+    pretraining stage; loading code here stays free of stages)."""
+    global _default_base_builder
+    _default_base_builder = build
+
+
+def default_base(workspace: "Workspace"):
+    """The workspace's finished default base run, built first (once) when there is none."""
+    found = workspace.latest("pretrain", DEFAULT_BASE_NAME)
+    if found is not None:
+        return found
+    if _default_base_builder is None:
+        raise ModelLoadError(f"no embedded default base in {workspace.root} yet; build it with "
+                             "`workbench run examples/pretrain-default-base.yaml`")
+    return _default_base_builder(workspace)
 
 
 def _source_of_run(ref: str, workspace: "Workspace", adapter_base: ModelSource | None = None) -> ModelSource:
@@ -233,7 +252,7 @@ def _source_of_run(ref: str, workspace: "Workspace", adapter_base: ModelSource |
 
 def recorded_base(folder: Path) -> str | None:
     """The base an adapter folder records (`base_model_name_or_path` of its config file), or None."""
-    config_file = next((Path(folder) / name for name in ADAPTER_CONFIG_FILES
+    config_file = next((Path(folder) / name for name in adapter_config_files()
                         if (Path(folder) / name).is_file()), None)
     if config_file is None:
         return None
@@ -349,8 +368,6 @@ def load_model(spec: ModelSpec, workspace: "Workspace | None" = None, task: Task
     tokenizer = load_tokenizer(source.folder, spec.trust_remote_code)
     check_finite(model, source.folder)
     if source.adapter is not None and with_adapter:
-        from adapters import load_adapter
-
         check_adapter_finite(source.adapter)
         model = load_adapter(model, source.adapter)
     model.eval()
@@ -395,6 +412,15 @@ def check_adapter_finite(folder: Path) -> None:
         with safe_open(str(path), framework="pt") as f:
             found += nonfinite_counts((name, f.get_tensor(name)) for name in f.keys())
     _refuse_nonfinite(found, folder, "adapter")
+
+
+def load_adapter(model, folder: Path, trainable: bool = False):
+    """Attach a saved adapter folder to its loaded base model, by the method that saved it."""
+    method = method_of_folder(folder)
+    if method is None or not is_adapter_folder(folder):
+        raise ModelLoadError(f"{folder}: not an adapter folder (none of "
+                             f"{', '.join(adapter_config_files())}, or of a kind no method knows)")
+    return method.load(model, Path(folder), trainable=trainable)
 
 
 def embedding_fingerprint(model) -> str:

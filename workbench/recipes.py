@@ -1,7 +1,10 @@
-"""Recipes: the pydantic schema behind YAML files, the CLI and the UI.
+"""Recipes: the pydantic schema behind YAML files, the CLI and the UI (orchestration).
 
-One model per stage kind (`pretrain`, `train`, `eval`, `merge`) plus `pipeline`, which chains stages by
-name. Unknown keys are errors; every error names the file, the key, the value and what is allowed.
+One model per stage kind (`pretrain`, `train`, `eval`, `merge`, `mergekit`, `quantize`) plus
+`pipeline`, which chains stages by name. The shared sections come from `workbench.sections`; the
+`adapter` section of a train recipe is the union of the registered methods' own sections
+(`workbench.methods`), rebuilt when a method registers. Unknown keys are errors; every error names
+the file, the key, the value and what is allowed.
 """
 
 from __future__ import annotations
@@ -11,183 +14,23 @@ import math
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter,
-                      ValidationError, field_validator, model_validator)
+from pydantic import (BaseModel, Discriminator, Field, Tag, TypeAdapter, ValidationError,
+                      field_validator, model_validator)
+from pydantic.fields import FieldInfo
 
-from . import resolver
-from .yamlio import YamlRefused, dump_yaml, load_yaml, read_yaml_file
+from quant.spec import QuantizeRecipe
+
+from . import methods, resolver
+from .sections import (DataRef, DataSpec, EvalSpec, ModelRef, ModelSpec, RegularizerSpec, Strict, TrainSpec,
+                       WorldSpec, recipe_to_yaml)
+from .yamlio import YamlRefused, load_yaml, read_yaml_file
+
+__all__ = ["DataSpec", "EvalSpec", "ModelSpec", "QuantizeRecipe", "RegularizerSpec", "TrainSpec",
+           "WorldSpec", "recipe_to_yaml"]
 
 
 class RecipeError(ValueError):
     """A recipe that cannot be read or does not validate; the message names file, key and value."""
-
-
-def _model_reference(value: str) -> str:
-    if value.strip():  # an empty value names nothing: the stage says what is missing
-        resolver.current().check_model(value, "model")
-    return value
-
-
-def _data_reference(value: str) -> str:
-    if value.strip():
-        resolver.current().check_data(value, "data")
-    return value
-
-
-# Recipe strings that name a model / adapter or a data source: checked by the resolver in force
-# (`workbench.resolver`) whenever a recipe is validated, and resolved by it again when used.
-ModelRef = Annotated[str, AfterValidator(_model_reference)]
-DataRef = Annotated[str, AfterValidator(_data_reference)]
-
-
-class Strict(BaseModel):
-    """Base of every recipe section: unknown keys are refused, values are validated on assignment."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-# ----------------------------------------------------------------------------------------------
-# Sections
-
-
-class ModelSpec(Strict):
-    """Which model to load and how.
-
-    `path` is one of: `default` (the embedded base, built on first use), a local Hugging Face
-    folder, a hub id such as `org/name` (only when the hub is reachable), `run:<run-id>` (the model
-    or adapter a run produced), `stage:<name>` (inside a pipeline) or `config:<name>` (a randomly
-    initialised model from the built-in configs in `workbench.models.BUILTIN_CONFIGS`).
-    """
-
-    path: ModelRef = "default"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    load_in: Literal["none", "4bit", "8bit"] = Field(
-        "none", description="Load the base quantized with bitsandbytes (QLoRA); needs a CUDA GPU."
-    )
-    trust_remote_code: bool = False
-    allow_pickle: bool = Field(
-        False, description="Allow .bin/.pt checkpoints (loaded with weights_only=True)."
-    )
-
-    @model_validator(mode="after")
-    def _allowed_here(self) -> "ModelSpec":
-        """Remote code and pickles as far as the resolver in force lets recipes turn them on."""
-        resolver.current().check_remote_code(self.trust_remote_code)
-        resolver.current().check_pickle(self.allow_pickle)
-        return self
-
-
-class DataSpec(Strict):
-    """Training data. Sources are `world:<split>` (the embedded world) or a .txt / .jsonl file.
-
-    A .txt file holds one document per line; a .jsonl file holds {"text": ...} records for
-    `format: text` and {"prompt"|"question": ..., "answer": ...} records for `format: instruct`.
-    """
-
-    train: DataRef = "world:domain_train"
-    replay: DataRef = "world:general_train"
-    replay_ratio: float = Field(
-        0.1, ge=0.0, lt=1.0, description="Share of each batch drawn from `replay` (general data)."
-    )
-    format: Literal["text", "instruct", "labelled"] = Field(
-        "text", description="labelled: {text, label} examples (or world:topic_train) train a "
-        "sequence-classification head; replay is not used.")
-    seq_len: int = Field(128, ge=8, le=131072)
-    world_seed: int = 0
-    world_size: Literal["tiny", "default"] = "default"
-
-
-class LoraSpec(Strict):
-    """LoRA through PEFT: ΔW = (α/r)·B·A (or α/√r with rsLoRA)."""
-
-    method: Literal["lora"] = "lora"
-    r: int = Field(16, ge=1, le=4096)
-    alpha: float = Field(32.0, gt=0)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
-    use_rslora: bool = False
-
-
-class FullSpec(Strict):
-    """Full fine-tuning: every parameter trains."""
-
-    method: Literal["full"] = "full"
-
-
-class RoadSpec(Strict):
-    """RoAd through PEFT (Liao & Monz 2024): each adapted layer's output is rotated in 2-D pairs.
-
-    z = R·(W x + b), R block-diagonal with blocks α·[[cos θ, −sin θ], [sin θ, cos θ]] (road_1; road_2
-    and road_4 untie the entries). `group_size` must divide every adapted layer's output width;
-    `auto` takes the largest of 64, 32, ..., 2 that does.
-    """
-
-    method: Literal["road"] = "road"
-    variant: Literal["road_1", "road_2", "road_4"] = "road_1"
-    group_size: Union[Literal["auto"], Annotated[int, Field(ge=2, le=65536)]] = "auto"
-    target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
-
-    @model_validator(mode="after")
-    def _even_group(self) -> "RoadSpec":
-        if self.group_size != "auto" and self.group_size % 2:
-            raise ValueError(f"adapter.group_size must be even (got {self.group_size})")
-        return self
-
-
-class PromptInit(Strict):
-    """One earlier task prompt vector (`run:<id>` of a prompt-tuning run, or its folder) and its λ."""
-
-    path: ModelRef
-    weight: float = 1.0
-
-
-class PromptSpec(Strict):
-    """Soft prompt tuning through PEFT, kept as a task prompt vector τ = P_tuned − P_init.
-
-    The initial prompt P_init is drawn from `init_seed` (random rows of the embedding table's
-    scale) and stored beside the tuned one. With `init_from`, the run starts at
-    P_init + Σ λ_t τ_t of earlier runs that share this P_init (Belanec et al. 2024).
-    """
-
-    method: Literal["prompt"] = "prompt"
-    num_virtual_tokens: int = Field(16, ge=1, le=1024)
-    init_seed: int = 0
-    init_from: list[PromptInit] = Field(default_factory=list)
-    lambda_grid: list[float] = Field(
-        default_factory=list,
-        description="Search each init_from weight over these values (replaces the given weights).")
-    lambda_validation: DataRef | None = Field(
-        None, description="Text source scored by the λ search; the training data when unset.")
-    lambda_rows: int = Field(16, ge=1, description="Validation rows scored per λ combination.")
-
-
-class MixdaSpec(Strict):
-    """MixDA domain adapters (Diao et al. 2023) beside the FFN output projection, mixed by a gate.
-
-    Stage 1 (unlabelled domain text, backbone frozen): trains one bottleneck adapter K and the
-    gate with L = λ·L_K + L_S (L_S keeps the mixed FFN output close to the original on the replay
-    data, which must be general text). Stage 2: the `domain_adapters` (stage-1 runs) are frozen;
-    a new gate over [K_1..K_n, F] and a LoRA task adapter train on labelled or instruction data.
-    """
-
-    method: Literal["mixda"] = "mixda"
-    stage: Literal[1, 2] = 1
-    layers: list[int] | None = Field(None, description="Layer indices to adapt; all when unset.")
-    bottleneck: int = Field(64, ge=1, le=65536)
-    lambda_k: float = Field(0.5, ge=0.0, description="Weight λ of the domain LM loss in stage 1.")
-    domain_adapters: list[ModelRef] = Field(
-        default_factory=list, description="Stage 2: `run:<id>` or folders of stage-1 MixDA runs.")
-    task_lora: LoraSpec | None = Field(
-        default_factory=LoraSpec, description="Stage 2: the task adapter trained with the gate.")
-
-    @model_validator(mode="after")
-    def _stage_inputs(self) -> "MixdaSpec":
-        if self.stage == 2 and not self.domain_adapters:
-            raise ValueError("adapter.domain_adapters: stage 2 needs at least one stage-1 MixDA run")
-        if self.stage == 1 and self.domain_adapters:
-            raise ValueError("adapter.domain_adapters is for stage 2; stage 1 trains a new adapter")
-        return self
 
 
 def _adapter_method(value: Any) -> str | None:
@@ -197,96 +40,15 @@ def _adapter_method(value: Any) -> str | None:
     return getattr(value, "method", None)
 
 
-AdapterSpec = Annotated[
-    Union[Annotated[LoraSpec, Tag("lora")], Annotated[FullSpec, Tag("full")],
-          Annotated[RoadSpec, Tag("road")], Annotated[PromptSpec, Tag("prompt")],
-          Annotated[MixdaSpec, Tag("mixda")]],
-    Discriminator(_adapter_method),
-]
+def adapter_section():
+    """The `adapter` section: a union of every registered method's spec, told apart by `method`."""
+    specs = [method.spec for method in methods.methods().values()]
+    tagged = tuple(Annotated[spec, Tag(spec.model_fields["method"].default)] for spec in specs)
+    return Annotated[Union[tagged], Discriminator(_adapter_method)]
 
 
-class RegularizerSpec(Strict):
-    """Hierarchical layer-wise and element-wise regularization (Song et al. 2025).
-
-    Phase 1 records the path-integral importance Ω on `data` (general text; for a classification
-    run, an earlier labelled task) for `steps` steps, or
-    reuses `importance` (an importance.safetensors file or the `run:<id>` that recorded it);
-    phase 2 adds φ·Σ_l c_l Σ_i Ω_i (θ_i − θ*_i)² to the training loss.
-    """
-
-    phi: float = Field(1.0, ge=0.0, description="Weight φ of the penalty (0 turns it off).")
-    importance: DataRef | None = None
-    data: DataRef = "world:general_train"
-    steps: int = Field(50, ge=1)
-    xi: float = Field(1e-3, gt=0.0, description="Damping ξ in Ω = ω / (Δ² + ξ).")
-
-
-class TrainSpec(Strict):
-    """Optimisation knobs of the training loop (continued-pretraining defaults)."""
-
-    lr: float = Field(2e-4, gt=0, le=1.0)
-    schedule: Literal["cosine", "wsd", "constant"] = Field(
-        "cosine",
-        description="cosine: re-warm then cosine to min_lr; wsd: warmup-stable-decay; "
-        "constant: warmup then constant ('infinite' schedule).",
-    )
-    warmup_ratio: float = Field(0.01, ge=0.0, le=0.5)
-    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
-    decay_ratio: float = Field(0.2, gt=0.0, le=1.0, description="wsd: share of steps that decay.")
-    weight_decay: float = Field(0.0, ge=0.0)
-    batch_size: int = Field(8, ge=1, description="Sequences per optimizer step, all processes.")
-    grad_accum: int = Field(1, ge=1)
-    max_steps: int | None = Field(200, ge=1)
-    epochs: float | None = Field(None, gt=0)
-    max_grad_norm: float = Field(1.0, ge=0.0)
-    checkpoint_every: int = Field(50, ge=0, description="0 saves only the final state.")
-    keep_checkpoints: int = Field(2, ge=1)
-    eval_at: list[int] = Field(
-        default_factory=list,
-        description="Extra steps at which to evaluate (early steps show the stability gap).",
-    )
-    precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="auto: bf16 autocast on a GPU that supports it, fp32 otherwise."
-    )
-    gradient_checkpointing: bool = False
-    regularizer: RegularizerSpec | None = Field(
-        None, description="Penalise drift of parameters important to general data.")
-
-    @model_validator(mode="after")
-    def _steps_or_epochs(self) -> "TrainSpec":
-        if self.max_steps is None and self.epochs is None:
-            raise ValueError("set train.max_steps or train.epochs")
-        if self.batch_size % self.grad_accum:
-            raise ValueError(
-                f"train.batch_size ({self.batch_size}) must be divisible by "
-                f"train.grad_accum ({self.grad_accum})"
-            )
-        return self
-
-
-class EvalSpec(Strict):
-    """Held-out evaluation: perplexity / bits per byte on text, exact match on questions."""
-
-    general_text: DataRef = "world:general_eval"
-    domain_text: DataRef = "world:domain_eval"
-    questions: list[DataRef] = Field(
-        default_factory=lambda: [
-            "world:general_qa_eval",
-            "world:general_cloze_eval",
-            "world:domain_cloze_eval",
-        ]
-    )
-    labelled: DataRef = Field("world:topic_eval",
-                          description="Held-out labelled examples (sequence classification runs).")
-    max_tokens: int = Field(16384, ge=64, description="Token budget per text set.")
-    max_questions: int = Field(100, ge=1)
-    max_new_tokens: int = Field(8, ge=1, le=256)
-    batch_size: int = Field(16, ge=1)
-
-
-class WorldSpec(Strict):
-    seed: int = 0
-    size: Literal["tiny", "default"] = "default"
+def _default_adapter():
+    return methods.get_method("lora").spec()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -320,7 +82,7 @@ class TrainRecipe(Strict):
     seed: int = 0
     model: ModelSpec = Field(default_factory=ModelSpec)
     data: DataSpec = Field(default_factory=DataSpec)
-    adapter: AdapterSpec = Field(default_factory=LoraSpec)
+    adapter: adapter_section() = Field(default_factory=_default_adapter)
     train: TrainSpec = Field(default_factory=TrainSpec)
     eval: EvalSpec | None = Field(default_factory=EvalSpec)
 
@@ -521,74 +283,6 @@ class MergekitRecipe(Strict):
         return value
 
 
-class WeightQuantSection(Strict):
-    """The weight grid (see `quant.rtn`): Ŵ = s·(q − z), q ∈ [0, 2ᵇ − 1], one (s, z) per group."""
-
-    bits: int = Field(4, ge=2, le=8)
-    symmetric: bool = Field(
-        True, description="z = 2ᵇ⁻¹ (compressed-tensors' W4A16). Asymmetric per-channel or group "
-        "grids export in the format compressed-tensors writes, but the installed transformers + "
-        "compressed-tensors cannot load those folders back (see quant/export.py).")
-    granularity: Literal["tensor", "channel", "group"] = "channel"
-    group_size: int = Field(128, ge=1, description="Inputs per group (granularity: group).")
-    clipping: Literal["minmax", "search"] = "minmax"
-
-
-class FlexRoundSection(Strict):
-    """Reconstruction settings: a preset (`reference`: the official Llama-2 W4A16 recipe; `fast`:
-    CPU), any field set here replacing the preset's value."""
-
-    preset: Literal["reference", "fast"] = "fast"
-    iterations: int | None = Field(None, ge=1, description="Adam steps per block.")
-    samples: int | None = Field(None, ge=1, description="Calibration rows.")
-    seq_len: int | None = Field(None, ge=8, description="Tokens per calibration row.")
-    batch_size: int | None = Field(None, ge=1, description="Rows per step.")
-    lr: float | None = Field(None, gt=0, le=1.0)
-
-
-class QuantizeRecipe(Strict):
-    """Quantize a model's block linear layers: round-to-nearest and FlexRound, compared with the
-    full-precision model (and NF4 through bitsandbytes where it runs) in one report; the chosen
-    `method` is exported as a compressed-tensors pack-quantized folder and/or a dequantized one.
-
-    `layers`: `all-linear` (every linear layer inside the decoder blocks / encoder layers) or names
-    matched by suffix (`q_proj`, `mlp.down_proj`). Embeddings and the output head stay in full
-    precision. `calibration`: any text source (`world:<split>`, .txt, .jsonl).
-    """
-
-    kind: Literal["quantize"] = "quantize"
-    name: str = "quantize"
-    seed: int = 0
-    model: ModelSpec = Field(default_factory=ModelSpec)
-    method: Literal["flexround", "rtn"] = "flexround"
-    weights: WeightQuantSection = Field(default_factory=WeightQuantSection)
-    layers: Union[Literal["all-linear"], list[str]] = "all-linear"
-    flexround: FlexRoundSection = Field(default_factory=FlexRoundSection)
-    calibration: DataRef = "world:general_train"
-    world: WorldSpec = Field(default_factory=WorldSpec)
-    export: list[Literal["compressed-tensors", "dequantized"]] = Field(
-        default_factory=lambda: ["compressed-tensors", "dequantized"])
-    max_shard_mb: int = Field(2048, ge=1)
-    nf4_baseline: bool = Field(True, description="Add bitsandbytes NF4 (no calibration) to the report.")
-    seq_len: int = Field(128, ge=8, description="Evaluation sequence length.")
-    eval: EvalSpec | None = Field(default_factory=EvalSpec)
-
-    @model_validator(mode="after")
-    def _consistent(self) -> "QuantizeRecipe":
-        from quant.flexround import resolve_config
-        from quant.rtn import QuantError
-
-        if "compressed-tensors" in self.export and self.weights.bits not in (4, 8):
-            raise ValueError(f"export: compressed-tensors packs 4 or 8 bits, not weights.bits="
-                             f"{self.weights.bits}; export only `dequantized` for other widths")
-        if self.method == "flexround":
-            try:
-                resolve_config(**self.flexround.model_dump())
-            except QuantError as err:
-                raise ValueError(str(err)) from None
-        return self
-
-
 StageRecipe = Annotated[Union[PretrainRecipe, TrainRecipe, EvalRecipe, MergeRecipe, MergekitRecipe,
                               QuantizeRecipe],
                         Field(discriminator="kind")]
@@ -616,6 +310,19 @@ Recipe = Annotated[
     Field(discriminator="kind"),
 ]
 _RECIPE = TypeAdapter(Recipe)
+
+
+def _rebuild_for_methods(_method) -> None:
+    """Follow the registry: the train recipe's `adapter` union (and what embeds it) anew."""
+    global _RECIPE
+    TrainRecipe.__pydantic_fields__["adapter"] = FieldInfo.from_annotated_attribute(
+        adapter_section(), Field(default_factory=_default_adapter))
+    TrainRecipe.model_rebuild(force=True)
+    PipelineRecipe.model_rebuild(force=True)
+    _RECIPE = TypeAdapter(Recipe)
+
+
+methods.on_register(_rebuild_for_methods)
 KINDS = ("pretrain", "train", "eval", "merge", "mergekit", "quantize", "pipeline")
 
 
@@ -739,8 +446,3 @@ def apply_override(data: dict, item: str, source: str = "--set") -> None:
         node[parts[-1]] = load_yaml(raw, f"{source}: {key.strip()}")
     except YamlRefused as err:
         raise RecipeError(str(err)) from None
-
-
-def recipe_to_yaml(recipe: BaseModel) -> str:
-    """The recipe as YAML with every value spelled out, so re-running it reproduces the run."""
-    return dump_yaml(recipe.model_dump(mode="json"))

@@ -15,50 +15,20 @@ from pathlib import Path
 
 import torch
 
-from adapters import get_method
-
 from . import resolver
+from .base import run_pretrain  # also makes `default` buildable (models.set_default_base_builder)
 from .data import BatchPlan, DataError, pack_source, read_labelled
 from .engine import (ClassificationObjective, TokenMasker, make_accelerator, process_state,
                      seed_everything, train_loop)
 from .evaluate import (classifier_metrics, classifier_report, embedding_cosine, evaluate_model,
                        format_classifier_report, format_report, gain_forgetting, masked_lm_metrics)
+from .methods import get_method
 from .models import (ModelLoadError, ModelSource, is_encoder, load_model, max_sequence_length,
                      recorded_base, resolve_local_source, resolve_source)
 from .recipes import (EvalRecipe, MergekitRecipe, MergeRecipe, ModelSpec, PipelineRecipe,
                       TrainRecipe, TrainSpec, load_recipe, recipe_to_yaml)
+from .stage_support import broadcast_from_main, check_seq_len, run_parents, say, total_steps
 from .workspace import Run, Workspace, write_atomic, write_json
-
-
-def broadcast_from_main(value):
-    """The main process's value on every process (identity when there is one process)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        box = [value]
-        torch.distributed.broadcast_object_list(box, src=0)
-        return box[0]
-    return value
-
-
-def say(message: str = "") -> None:
-    print(message, flush=True)
-
-
-def total_steps(spec: TrainSpec, plan: BatchPlan) -> int:
-    """Optimizer steps: from train.epochs when set, otherwise train.max_steps."""
-    if spec.epochs is not None:
-        return max(1, math.ceil(spec.epochs * plan.steps_per_epoch()))
-    return spec.max_steps
-
-
-def check_seq_len(seq_len: int, model, source: str) -> None:
-    limit = max_sequence_length(model)
-    if limit is not None and seq_len > limit:
-        raise DataError(f"data.seq_len={seq_len} is above the model's limit "
-                        f"(max_position_embeddings={limit} in {source})")
-
-
-def _parents(*refs: str) -> list[str]:
-    return [r.removeprefix("run:") for r in refs if r and r.startswith("run:")]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -73,7 +43,7 @@ def run_train(recipe: TrainRecipe, ws: Workspace, run: Run | None = None, resume
         if state.is_main_process:
             base_source = resolve_source(recipe.model.path, ws)  # builds the default base if needed
             run_id = ws.create_run("train", recipe.name, recipe_to_yaml(recipe), recipe.seed,
-                                   parents=_parents(base_source.ref)).id
+                                   parents=run_parents(base_source.ref)).id
         run = ws.get(broadcast_from_main(run_id))
     with ws.running(run) if process_state().is_main_process else nullcontext(run):
         seed_everything(recipe.seed)
@@ -289,7 +259,7 @@ def run_eval(recipe: EvalRecipe, ws: Workspace, run: Run | None = None, resume: 
     if run is None:
         refs = [recipe.model.path] + ([recipe.base.path] if recipe.base else [])
         run = ws.create_run("eval", recipe.name, recipe_to_yaml(recipe), recipe.seed,
-                            parents=_parents(*refs))
+                            parents=run_parents(*refs))
     with ws.running(run):
         seed_everything(recipe.seed)
         model, tokenizer, source = load_model(recipe.model, ws)
@@ -356,7 +326,7 @@ def run_merge(recipe: MergeRecipe, ws: Workspace, run: Run | None = None, resume
     if run is None:
         refs = [item.path for item in recipe.inputs] + [base.ref]
         run = ws.create_run("merge", recipe.name, recipe_to_yaml(recipe), recipe.seed,
-                            parents=_parents(*refs))
+                            parents=run_parents(*refs))
     with ws.running(run):
         for line in bases.log_lines():
             run.log(line)
@@ -631,13 +601,14 @@ def _merge_plan(recipe: MergeRecipe, sources, base, weights: list[float], params
     from merge.instruction_vector import METHOD as INSTRUCTION_VECTOR
     from merge.instruction_vector import check_merge_parameters, instruction_vector_plan
     from merge.plan import MergePlan
+    from merge.preflight import plan_of
     from merge.streaming import model_layout
 
     params = check_merge_parameters(recipe.method, params)
     if recipe.method == INSTRUCTION_VECTOR:
         domain, instruct = (sources[_role_index(recipe, role)] for role in ("domain", "instruct"))
         return instruction_vector_plan(base.folder, domain, instruct, params["alpha"], stack)
-    if recipe.method == "task_arithmetic" and all(s.adapter for s in sources):
+    if plan_of([s.adapter or s.folder for s in sources], recipe.method, recipe.output) == "lora":
         return MergePlan(base.folder, [(s.adapter, w * params["scale"]) for s, w in zip(sources, weights)])
     readers = _delta_readers(sources, model_layout(base.folder), stack)
     return MergePlan(base.folder, [], merged_deltas(readers, weights, recipe.method, recipe.seed, params))
@@ -829,16 +800,12 @@ def run_quantize(recipe, ws: Workspace, run: Run | None = None, resume: bool = F
     return quantize(recipe, ws, run=run, resume=resume)
 
 
-RUNNERS = {"train": run_train, "eval": run_eval, "merge": run_merge, "mergekit": run_mergekit,
-           "quantize": run_quantize, "pipeline": run_pipeline}
+RUNNERS = {"pretrain": run_pretrain, "train": run_train, "eval": run_eval, "merge": run_merge,
+           "mergekit": run_mergekit, "quantize": run_quantize, "pipeline": run_pipeline}
 
 
 def run_recipe(recipe, ws: Workspace) -> Run:
     """Run any recipe in the workspace and return its (finished) run."""
-    if recipe.kind == "pretrain":
-        from .base import run_pretrain
-
-        return run_pretrain(recipe, ws)
     return RUNNERS[recipe.kind](recipe, ws)
 
 
@@ -850,9 +817,5 @@ def resume_run(ref: str, ws: Workspace) -> Run:
     if run.status == "running":
         raise ValueError(f"run {run.id} is still running (pid {run.info.get('pid')})")
     recipe = load_recipe(run.path("recipe.yaml"))
-    if recipe.kind == "pretrain":
-        from .base import run_pretrain
-
-        return run_pretrain(recipe, ws, run=run, resume=True)
     return RUNNERS[recipe.kind](recipe, ws, run=run, resume=True)
 

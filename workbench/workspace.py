@@ -388,3 +388,15 @@ class Workspace:
         done = [r for r in self.runs() if r.info.get("kind") == kind
                 and r.info.get("name") == name and r.info.get("status") == "done"]
         return done[-1] if done else None
+
+
+def headline(info: dict) -> str:
+    """A run's result in one line (from its run.json): gain and forgetting, or its perplexity,
+    or its error."""
+    summary = info.get("summary") or {}
+    if "domain_gain_pct" in summary:
+        return (f"gain {summary['domain_gain_pct']:+.1f}%  "
+                f"forgetting {summary['general_forgetting_pct']:+.1f}%")
+    if "general_ppl" in summary:
+        return f"general ppl {summary['general_ppl']:.2f}"
+    return info.get("error") or ""

@@ -30,6 +30,7 @@ import sys
 from pathlib import Path
 
 from ..export import atomic_folder
+from ..methods import is_adapter_folder, method_of_folder
 from ..workspace import Run, RunNotFound, Workspace, write_json
 
 EXPORTS = "exports"
@@ -49,18 +50,9 @@ class ExportError(ValueError):
 
 
 def adapter_kind(folder: Path) -> str | None:
-    """lora | road | prompt | mixda | None, from the folder's config file only."""
-    folder = Path(folder)
-    if (folder / "mixda_config.json").is_file():
-        return "mixda"
-    config = folder / "adapter_config.json"
-    if not config.is_file():
-        return None
-    try:
-        peft_type = json.loads(config.read_text(encoding="utf-8")).get("peft_type")
-    except (OSError, json.JSONDecodeError):
-        return None
-    return {"LORA": "lora", "ROAD": "road", "PROMPT_TUNING": "prompt"}.get(peft_type, str(peft_type).lower())
+    """The method that saved an adapter folder (lora, road, prompt, mixda, ...), or None."""
+    method = method_of_folder(Path(folder)) if is_adapter_folder(Path(folder)) else None
+    return method.name if method is not None else None
 
 
 def _outputs(run: Run) -> dict:

@@ -9,6 +9,8 @@ import os
 from pathlib import Path
 from typing import Iterator
 
+from ..methods import adapter_config_files
+
 SKIP_DIRS = {"runs", "jobs", ".gradio"}  # listed through their own views, or app internals
 
 
@@ -44,9 +46,9 @@ def model_folders(root: Path) -> list[str]:
 
 
 def adapter_folders(root: Path) -> list[str]:
-    """Adapter folders in the workspace: PEFT (adapter_config.json) and MixDA (mixda_config.json)."""
-    return [relative(root, folder) for folder, _, files in walk(root)
-            if "adapter_config.json" in files or "mixda_config.json" in files]
+    """Adapter folders in the workspace: those with a registered method's config file."""
+    marks = set(adapter_config_files())
+    return [relative(root, folder) for folder, _, files in walk(root) if marks & set(files)]
 
 
 def recipe_files(root: Path) -> list[str]:

@@ -18,11 +18,10 @@ from typing import Any
 
 import yaml
 
-from ..cli import _headline
 from ..jobs import JobError, JobQueue
 from ..recipes import KINDS, RecipeError, parse_recipe, recipe_to_yaml
 from ..resolver import PathRefused, Resolver, using
-from ..workspace import JsonlError, RunNotFound, Workspace, write_atomic
+from ..workspace import JsonlError, RunNotFound, Workspace, headline, write_atomic
 from ..yamlio import MAX_YAML_BYTES, YamlRefused, load_yaml
 from ..world import SPLITS
 from . import compare, exporting, paths
@@ -367,7 +366,7 @@ class Service:
             info = _info(run)
             rows.append({"id": run.id, "kind": info.get("kind"), "name": info.get("name"),
                          "status": run.status if info else "unreadable",
-                         "parents": info.get("parents", []), "result": _headline(info),
+                         "parents": info.get("parents", []), "result": headline(info),
                          "created": info.get("created"), "summary": info.get("summary")})
         return rows
 
@@ -385,7 +384,7 @@ class Service:
         except JsonlError as err:  # a damaged metrics.jsonl: the message names file and line
             raise Refused(str(err)) from None
         return {
-            "id": run.id, "info": {**info, "status": run.status}, "result": _headline(info),
+            "id": run.id, "info": {**info, "status": run.status}, "result": headline(info),
             "recipe": recipe.read_text(encoding="utf-8") if recipe.is_file() else "",
             "lineage": {"parents": info.get("parents", []), "ancestors": _ancestors(run.id, infos),
                         "children": [i for i, x in infos.items() if run.id in x.get("parents", [])]},
