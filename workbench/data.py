@@ -120,7 +120,7 @@ TOPIC_ROWS = {"tiny": {"topic_train": 160, "topic_eval": 60},
               "default": {"topic_train": 1000, "topic_eval": 200}}
 
 
-def _sentences(documents: list[str]) -> list[str]:
+def sentences(documents: list[str]) -> list[str]:
     return [s.strip() + "." for d in documents for s in d.split(". ") if len(s.split()) >= 4]
 
 
@@ -140,7 +140,7 @@ def read_labelled(source: str, world_seed: int = 0, world_size: str = "default"
         per_class = TOPIC_ROWS[world_size][split] // 2
         pairs = []
         for label, part in enumerate(TOPIC_SPLITS[split]):
-            pairs += [(text, label) for text in _sentences(read_texts(f"world:{part}", world_seed, world_size))[:per_class]]
+            pairs += [(text, label) for text in sentences(read_texts(f"world:{part}", world_seed, world_size))[:per_class]]
         order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(world_seed))
         pairs = [pairs[i] for i in order.tolist()]
         return [t for t, _ in pairs], [label for _, label in pairs], ["general", "domain"]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .data import (IGNORE, _sentences, encode_documents, encode_labelled, pack, read_examples,
+from .data import (IGNORE, sentences, encode_documents, encode_labelled, pack, read_examples,
                    read_labelled, read_texts)
 from .engine import masked_nll_sum, next_token_nll_sum
 from .sections import EvalSpec
@@ -221,7 +221,7 @@ def general_embeddings(model, tokenizer, spec: EvalSpec, seq_len: int, world_see
                        world_size: str = "default") -> torch.Tensor:
     """Mean-pooled last hidden states of the first general sentences (how an encoder represents
     general text; compared base vs adapted by cosine)."""
-    general = _sentences(read_texts(spec.general_text, world_seed, world_size))[:EMBEDDING_SENTENCES]
+    general = sentences(read_texts(spec.general_text, world_seed, world_size))[:EMBEDDING_SENTENCES]
     enc = tokenizer(general, truncation=True, max_length=seq_len, padding=True,
                     return_tensors="pt").to(_device(model))
     return _pooled(model, enc["input_ids"], enc["attention_mask"]).cpu()

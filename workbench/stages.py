@@ -37,39 +37,16 @@ from .workspace import Run, Workspace, write_atomic, write_json
 
 def run_train(recipe: TrainRecipe, ws: Workspace, run: Run | None = None, resume: bool = False) -> Run:
     """Train an adapter on the model, evaluate base vs adapted, save the adapter in the run."""
-    if run is None:
-        state = process_state()  # under torchrun / accelerate launch: one run folder for all ranks
-        run_id = None
-        if state.is_main_process:
-            base_source = resolve_source(recipe.model.path, ws)  # builds the default base if needed
-            run_id = ws.create_run("train", recipe.name, recipe_to_yaml(recipe), recipe.seed,
-                                   parents=run_parents(base_source.ref)).id
-        run = ws.get(broadcast_from_main(run_id))
+    run = run or _new_train_run(recipe, ws)
     with ws.running(run) if process_state().is_main_process else nullcontext(run):
         seed_everything(recipe.seed)
         accelerator = make_accelerator(recipe.train.precision)
-        data = recipe.data
         task = _task_of(recipe, ws)
-        num_labels = len(read_labelled(data.train, data.world_seed, data.world_size)[2]) \
-            if task == "sequence-classification" else None
-        model, tokenizer, source = load_model(recipe.model, ws, task=task, num_labels=num_labels)
-        if source.adapter is not None:
-            raise ModelLoadError(f"model.path '{recipe.model.path}' is an adapter; train on a full "
-                                 "model (merge the adapter into its base first)")
-        if model.config.pad_token_id is None:
-            model.config.pad_token_id = tokenizer.pad_token_id
-        check_seq_len(data.seq_len, model, str(source.folder))
-        train_set = pack_source(data.train, tokenizer, data.seq_len, data.format,
-                                data.world_seed, data.world_size)
-        replay_set = None
-        if data.replay_ratio > 0 and task in ("causal-lm", "masked-lm"):
-            replay_set = pack_source(data.replay, tokenizer, data.seq_len, "text",
-                                     data.world_seed, data.world_size)
-        replay_ratio = data.replay_ratio if replay_set is not None else 0.0
-        plan = BatchPlan(train_set, replay_set, recipe.train.batch_size, replay_ratio, recipe.seed)
+        model, tokenizer, source = _load_train_model(recipe, ws, task)
+        plan, train_set = _batch_plan(recipe, tokenizer, task)
         steps = total_steps(recipe.train, plan)
-        run.log(f"model {source.ref} ({task}); {len(train_set)} training rows of {data.seq_len} tokens; "
-                f"{plan.n_train}+{plan.n_replay} rows per step; {steps} steps")
+        run.log(f"model {source.ref} ({task}); {len(train_set)} training rows of {recipe.data.seq_len} "
+                f"tokens; {plan.n_train}+{plan.n_replay} rows per step; {steps} steps")
 
         method = get_method(recipe.adapter.method)
         masker = TokenMasker(tokenizer, recipe.seed) if task == "masked-lm" else None
@@ -83,32 +60,9 @@ def run_train(recipe: TrainRecipe, ws: Workspace, run: Run | None = None, resume
                               gradient_checkpointing=recipe.train.gradient_checkpointing,
                               locate=lambda ref: adapter_folder_of(ref, ws))
         trainable = method.trainable_parameters(model)
-        objective = method.objective(recipe.adapter) if hasattr(method, "objective") else None
-        if task == "masked-lm":
-            objective = method.objective(recipe.adapter, masker=masker)
-        if task == "sequence-classification":
-            if objective is not None:
-                raise DataError(f"adapter.method {recipe.adapter.method} with these settings trains on "
-                                "unlabelled text; use data.format text or instruct")
-            objective = ClassificationObjective(tokenizer.pad_token_id)
-        prepared = {}
-        if hasattr(method, "prepare") and not resume:  # e.g. the λ search of task prompt vectors
-            prepared = method.prepare(model, recipe.adapter, _validation_set(recipe, tokenizer, train_set))
-            if prepared:
-                write_json(run.path("prepare.json"), prepared)
-        elif run.path("prepare.json").is_file():
-            prepared = json.loads(run.path("prepare.json").read_text())
-
-        penalty = None
-        if recipe.train.regularizer is not None and recipe.train.regularizer.phi > 0:
-            from adapters.regularizer import prepare_regularizer
-
-            penalty = prepare_regularizer(
-                recipe.train.regularizer, recipe.train, model, trainable, tokenizer, data, run.folder,
-                lambda ref: importance_file_of(ref, ws), accelerator.device,
-                say=lambda message: (run.log(message), say(message)),
-                objective=objective if task == "sequence-classification" else None,
-                fmt="labelled" if task == "sequence-classification" else "text")
+        objective = _objective_of(method, recipe, task, masker, tokenizer)
+        prepared = _prepared(method, model, recipe, run, resume, tokenizer, train_set)
+        penalty = _penalty(recipe, model, trainable, tokenizer, run, ws, accelerator, objective, task)
 
         def evaluate_early(step: int) -> dict:
             return evaluator.evaluate_early(accelerator.unwrap_model(model))
@@ -118,21 +72,111 @@ def run_train(recipe: TrainRecipe, ws: Workspace, run: Run | None = None, resume
                               resume=resume, evaluate=evaluate_early if evaluator else None,
                               objective=objective, penalty=penalty)
         model = accelerator.unwrap_model(model)
-        output = "adapter" if recipe.adapter.method != "full" else "model"
-        losses = [m["loss"] for m in run.metrics() if "loss" in m]
-        summary: dict = {**prepared, "task": task, "steps": progress.step, "tokens": progress.tokens,
-                         "train_seconds": round(progress.elapsed, 2),
-                         "final_loss": losses[-1] if losses else None}
         if accelerator.is_main_process:
-            method.save(model, tokenizer, run.path(output), base_ref=str(source.folder))
-            if evaluator is not None:
-                say("Evaluating the adapted model ...")
-                summary.update(evaluator.report(model, run))
-            summary["wall_seconds"] = round(time.time() - started, 2)
-            write_json(run.path("summary.json"), summary)
-            run.finish(summary, outputs={output: output, "base": source.ref})
+            _finish_train(recipe, run, method, model, tokenizer, source, evaluator, progress, prepared,
+                          task, started)
         accelerator.wait_for_everyone()
     return run
+
+
+def _new_train_run(recipe: TrainRecipe, ws: Workspace) -> Run:
+    """The run folder of a new training run, made once under torchrun / accelerate launch (by the
+    main process; the others get its id)."""
+    run_id = None
+    if process_state().is_main_process:
+        base_source = resolve_source(recipe.model.path, ws)  # builds the default base if needed
+        run_id = ws.create_run("train", recipe.name, recipe_to_yaml(recipe), recipe.seed,
+                               parents=run_parents(base_source.ref)).id
+    return ws.get(broadcast_from_main(run_id))
+
+
+def _load_train_model(recipe: TrainRecipe, ws: Workspace, task: str):
+    """(model, tokenizer, source) to train: a full model (not an adapter), with a pad token id and
+    room for the recipe's sequence length."""
+    data = recipe.data
+    num_labels = len(read_labelled(data.train, data.world_seed, data.world_size)[2]) \
+        if task == "sequence-classification" else None
+    model, tokenizer, source = load_model(recipe.model, ws, task=task, num_labels=num_labels)
+    if source.adapter is not None:
+        raise ModelLoadError(f"model.path '{recipe.model.path}' is an adapter; train on a full "
+                             "model (merge the adapter into its base first)")
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    check_seq_len(data.seq_len, model, str(source.folder))
+    return model, tokenizer, source
+
+
+def _batch_plan(recipe: TrainRecipe, tokenizer, task: str) -> tuple[BatchPlan, object]:
+    """(the batch plan of training data and general replay, the packed training set)."""
+    data = recipe.data
+    train_set = pack_source(data.train, tokenizer, data.seq_len, data.format,
+                            data.world_seed, data.world_size)
+    replay_set = None
+    if data.replay_ratio > 0 and task in ("causal-lm", "masked-lm"):
+        replay_set = pack_source(data.replay, tokenizer, data.seq_len, "text",
+                                 data.world_seed, data.world_size)
+    replay_ratio = data.replay_ratio if replay_set is not None else 0.0
+    return BatchPlan(train_set, replay_set, recipe.train.batch_size, replay_ratio, recipe.seed), train_set
+
+
+def _objective_of(method, recipe: TrainRecipe, task: str, masker, tokenizer):
+    """The training signal: the method's own objective, the masked-LM one, the classifier's, or
+    None for the engine's next-token loss."""
+    objective = method.objective(recipe.adapter) if hasattr(method, "objective") else None
+    if task == "masked-lm":
+        objective = method.objective(recipe.adapter, masker=masker)
+    if task == "sequence-classification":
+        if objective is not None:
+            raise DataError(f"adapter.method {recipe.adapter.method} with these settings trains on "
+                            "unlabelled text; use data.format text or instruct")
+        objective = ClassificationObjective(tokenizer.pad_token_id)
+    return objective
+
+
+def _prepared(method, model, recipe: TrainRecipe, run: Run, resume: bool, tokenizer, train_set) -> dict:
+    """What a method prepares before training (e.g. the λ search of task prompt vectors), kept in
+    prepare.json so that a resumed run reuses it."""
+    if hasattr(method, "prepare") and not resume:
+        prepared = method.prepare(model, recipe.adapter, _validation_set(recipe, tokenizer, train_set))
+        if prepared:
+            write_json(run.path("prepare.json"), prepared)
+        return prepared
+    if run.path("prepare.json").is_file():
+        return json.loads(run.path("prepare.json").read_text())
+    return {}
+
+
+def _penalty(recipe: TrainRecipe, model, trainable, tokenizer, run: Run, ws: Workspace, accelerator,
+             objective, task: str):
+    """The forgetting regularizer's penalty (recording Ω first when needed), or None."""
+    spec = recipe.train.regularizer
+    if spec is None or spec.phi <= 0:
+        return None
+    from adapters.regularizer import prepare_regularizer
+
+    classifier = task == "sequence-classification"
+    return prepare_regularizer(
+        spec, recipe.train, model, trainable, tokenizer, recipe.data, run.folder,
+        lambda ref: importance_file_of(ref, ws), accelerator.device,
+        say=lambda message: (run.log(message), say(message)),
+        objective=objective if classifier else None, fmt="labelled" if classifier else "text")
+
+
+def _finish_train(recipe: TrainRecipe, run: Run, method, model, tokenizer, source, evaluator,
+                  progress, prepared: dict, task: str, started: float) -> None:
+    """Save the adapter (or model), evaluate it against its base, write the summary, finish."""
+    output = "adapter" if recipe.adapter.method != "full" else "model"
+    losses = [m["loss"] for m in run.metrics() if "loss" in m]
+    summary: dict = {**prepared, "task": task, "steps": progress.step, "tokens": progress.tokens,
+                     "train_seconds": round(progress.elapsed, 2),
+                     "final_loss": losses[-1] if losses else None}
+    method.save(model, tokenizer, run.path(output), base_ref=str(source.folder))
+    if evaluator is not None:
+        say("Evaluating the adapted model ...")
+        summary.update(evaluator.report(model, run))
+    summary["wall_seconds"] = round(time.time() - started, 2)
+    write_json(run.path("summary.json"), summary)
+    run.finish(summary, outputs={output: output, "base": source.ref})
 
 
 def _task_of(recipe: TrainRecipe, ws: Workspace) -> str:
