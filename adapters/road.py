@@ -265,16 +265,16 @@ class RoadTaskVector:
 
     def __add__(self, other: "RoadTaskVector") -> "RoadTaskVector":
         if not isinstance(other, RoadTaskVector):
-            from merge.task_vectors import _check_same_space
+            from merge.task_vectors import check_same_space
 
-            _check_same_space(self, other)
+            check_same_space(self, other)
         return self.compose(other)
 
     def __mul__(self, weight: float) -> "RoadTaskVector":
         """Rotation by w·θ with scale α^w (road_1 only; α > 0 unless w = 1)."""
-        from merge.task_vectors import _check_weight
+        from merge.task_vectors import check_weight
 
-        weight = _check_weight(weight)
+        weight = check_weight(weight)
         if self.variant != "road_1":
             raise RoadError(f"scaling a RoAd vector needs road_1 (got {self.variant}): only road_1 "
                             "blocks are rotations, whose angles and scales can be scaled")

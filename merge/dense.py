@@ -40,7 +40,7 @@ from typing import Callable
 import torch
 
 from .methods import check_parameters, merge_tensors
-from .streaming import (ShardReader, _check_adapter_format, all_finite, lora_concat_adapter,
+from .streaming import (ShardReader, check_adapter_format, all_finite, lora_concat_adapter,
                         merge_lora_into_base, model_layout, row_blocks)
 from .task_vectors import LoraTaskVector
 
@@ -97,7 +97,7 @@ class LoraDelta:
 
     def __init__(self, folder: Path, base_layout: dict):
         folder = Path(folder)
-        _check_adapter_format(folder)
+        check_adapter_format(folder)
         self.factors = LoraTaskVector.from_peft_folder(folder).factors
         for name, (b, a, _) in self.factors.items():
             if name not in base_layout:

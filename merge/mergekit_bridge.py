@@ -582,10 +582,10 @@ def mergekit_parameters(method: str, params: dict, weights: list[float]) -> tupl
 def _check_lora_is_exact(folder: Path) -> None:
     """mergekit's `model+lora` is PEFT's merge_and_unload: W + s·B·A exactly when the adapter is a
     plain LoRA of linear layers (no DoRA, no fan_in_fan_out, no extra trained tensors)."""
-    from merge.streaming import _check_adapter_format
+    from merge.streaming import check_adapter_format
 
     try:
-        _check_adapter_format(Path(folder))
+        check_adapter_format(Path(folder))
     except (ValueError, FileNotFoundError) as err:
         raise MergekitUnsupported(f"no exact mergekit `model+lora` equivalent: {err}") from None
 

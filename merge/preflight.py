@@ -187,7 +187,7 @@ def _base_shape(base_layout: dict, name: str, folder: Path, what: str) -> list[i
 
 def check_input_tensors(base_layout: dict, base_folder: Path, kind: str, folder: Path) -> None:
     """Every tensor `folder` touches exists in the base (`model_layout`) with a fitting shape."""
-    from .streaming import _check_adapter_format, model_layout
+    from .streaming import check_adapter_format, model_layout
 
     folder = Path(folder)
     if kind == "full":
@@ -202,7 +202,7 @@ def check_input_tensors(base_layout: dict, base_folder: Path, kind: str, folder:
         if extra:
             raise ValueError(f"tensor {extra[0]}: in {folder} but not in the base")
     elif kind == "lora":
-        _check_adapter_format(folder)
+        check_adapter_format(folder)
         header = _header(folder / "adapter_model.safetensors")
         for key, entry in header.items():
             if ".lora_A." not in key:

@@ -247,7 +247,7 @@ def _load_adapters(adapters: list[tuple[Path, float]],
     updates: dict[str, list[tuple[torch.Tensor, torch.Tensor, float]]] = {}
     for folder, weight in adapters:
         folder = Path(folder)
-        _check_adapter_format(folder)
+        check_adapter_format(folder)
         vector = LoraTaskVector.from_peft_folder(folder)
         for name, (b, a, scale) in vector.factors.items():
             if name not in layout:
@@ -272,7 +272,7 @@ def _load_adapters(adapters: list[tuple[Path, float]],
             for name, parts in updates.items()}
 
 
-def _check_adapter_format(folder: Path) -> None:
+def check_adapter_format(folder: Path) -> None:
     config_path = folder / "adapter_config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{folder}: no adapter_config.json (not a PEFT adapter folder)")
@@ -569,7 +569,7 @@ def stacked_lora_factors(adapters: list[tuple[Path, float]]
     vectors = []
     for folder, weight in adapters:
         folder = Path(folder)
-        _check_adapter_format(folder)
+        check_adapter_format(folder)
         vector = LoraTaskVector.from_peft_folder(folder)
         for name, (b, a, _) in vector.factors.items():
             for part, t in (("lora_B", b), ("lora_A", a)):

@@ -64,7 +64,7 @@ def _weight_name(peft_key: str, part: str) -> str:
     return peft_key.removeprefix(PEFT_PREFIX).replace(f".{part}.weight", ".weight")
 
 
-def _check_weight(weight) -> float:
+def check_weight(weight) -> float:
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
         raise TaskVectorError(f"a task vector's weight must be a finite number, got {weight!r}")
     return float(weight)
@@ -116,7 +116,7 @@ class LoraTaskVector:
         """Ranks stack: B = [s₁B₁ | s₂B₂], A = [A₁; A₂], scale 1 (exact, still factored)."""
         if isinstance(other, DenseTaskVector):
             return self.to_dense() + other
-        _check_same_space(self, other)
+        check_same_space(self, other)
         factors = dict(self.factors)
         for name, (b2, a2, s2) in other.factors.items():
             if name not in factors:
@@ -130,7 +130,7 @@ class LoraTaskVector:
         return LoraTaskVector(factors)
 
     def __mul__(self, weight: float) -> "LoraTaskVector":
-        weight = _check_weight(weight)
+        weight = check_weight(weight)
         return LoraTaskVector({n: (b, a, s * weight) for n, (b, a, s) in self.factors.items()})
 
     __rmul__ = __mul__
@@ -175,7 +175,7 @@ class DenseTaskVector:
         """Per tensor sum; a tensor that one side lacks counts as zeros there."""
         if isinstance(other, LoraTaskVector):
             other = other.to_dense()
-        _check_same_space(self, other)
+        check_same_space(self, other)
         deltas = dict(self.deltas)
         for name, value in other.deltas.items():
             if name in deltas and deltas[name].shape != value.shape:
@@ -187,7 +187,7 @@ class DenseTaskVector:
     __radd__ = __add__
 
     def __mul__(self, weight: float) -> "DenseTaskVector":
-        weight = _check_weight(weight)
+        weight = check_weight(weight)
         return DenseTaskVector({n: weight * v for n, v in self.deltas.items()})
 
     __rmul__ = __mul__
@@ -203,7 +203,7 @@ class DenseTaskVector:
 # One interface over every kind
 
 
-def _check_same_space(a, b) -> None:
+def check_same_space(a, b) -> None:
     """Refuse two vectors whose spaces differ (full and LoRA share weight space)."""
     ka, kb = getattr(a, "kind", None), getattr(b, "kind", None)
     if ka is None or kb is None:
@@ -225,7 +225,7 @@ def weighted_sum(vectors: list, weights: list[float]):
         raise TaskVectorError(f"weighted_sum needs one weight per vector and at least one vector "
                               f"(got {len(vectors)} vectors and {len(weights)} weights)")
     for vector in vectors[1:]:
-        _check_same_space(vectors[0], vector)
+        check_same_space(vectors[0], vector)
     total = vectors[0] * weights[0]
     for vector, weight in zip(vectors[1:], weights[1:]):
         total = total + vector * weight
@@ -255,7 +255,7 @@ def _dot(a, b, name: str) -> float:
 
 def cosine(a, b) -> Cosine:
     """Cosine similarity of two task vectors per tensor and over all their tensors."""
-    _check_same_space(a, b)
+    check_same_space(a, b)
     if hasattr(a, "check_compatible"):
         a.check_compatible(b)  # task prompt vectors: one P_init
     names_a, names_b = set(a.names()), set(b.names())
