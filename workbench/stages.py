@@ -510,13 +510,21 @@ def _own_bases(recipe: MergeRecipe, sources, ws: Workspace, explicit: ModelSourc
     own, unchecked = [], []
     for i, (item, source) in enumerate(zip(recipe.inputs, sources)):
         recorded = _recorded_base_of(item.path, source, ws)
+        # a run's record is the workspace's own; a folder's config is read under the resolver
+        trust = resolver.workspace_record() if item.path.startswith("run:") else nullcontext()
         if explicit is None:
             if source.adapter is None and recorded is None:
                 raise ValueError(f"inputs.{i}.path '{item.path}' is a model whose base is unknown; "
                                  "set `base:` to the model it was fine-tuned from")
-            own.append(resolve_source(str(source.folder) if source.adapter is not None else recorded, ws))
+            if source.adapter is not None:  # resolved with the adapter already
+                own.append(ModelSource(ref=str(source.folder), folder=source.folder,
+                                       config_name=source.config_name))
+            else:
+                with trust:
+                    own.append(resolve_source(recorded, ws))
             continue
-        found = resolve_local_source(recorded, ws) if recorded is not None else None
+        with trust:
+            found = resolve_local_source(recorded, ws) if recorded is not None else None
         if recorded is not None and found is None:
             unchecked.append(f"inputs.{i} ({item.path}): base not checked: its recorded base "
                              f"'{recorded}' is not available on this machine (nothing is "
