@@ -14,10 +14,11 @@ from .data import BatchPlan, encode_documents, get_world, pack_source
 from .engine import make_accelerator, seed_everything, train_loop
 from .evaluate import evaluate_model
 from .export import save_model_folder
+from .io import write_json
 from .models import build_model_from_config, builtin_config
 from .recipes import PretrainRecipe, recipe_to_yaml
 from .stages import check_seq_len, say, total_steps
-from .workspace import Run, Workspace, write_json
+from .workspace import Run, Workspace
 
 DEFAULT_BASE_NAME = "default-base"
 
