@@ -39,9 +39,11 @@ from typing import Callable
 
 import torch
 
+from workbench.io import all_finite, model_layout
+
 from .methods import check_parameters, merge_tensors
-from .streaming import (ShardReader, _check_adapter_format, all_finite, lora_concat_adapter,
-                        merge_lora_into_base, model_layout, row_blocks)
+from .streaming import (ShardReader, _check_adapter_format, lora_concat_adapter, merge_lora_into_base,
+                        row_blocks)
 from .task_vectors import LoraTaskVector
 
 DeltaReader = Callable[[str], "torch.Tensor | None"]

@@ -23,11 +23,12 @@ from .engine import (ClassificationObjective, TokenMasker, make_accelerator, pro
                      seed_everything, train_loop)
 from .evaluate import (classifier_metrics, classifier_report, embedding_cosine, evaluate_model,
                        format_classifier_report, format_report, gain_forgetting, masked_lm_metrics)
+from .io import model_layout, write_atomic, write_json
 from .models import (ModelLoadError, ModelSource, is_encoder, load_model, max_sequence_length,
                      recorded_base, resolve_local_source, resolve_source)
 from .recipes import (EvalRecipe, MergekitRecipe, MergeRecipe, ModelSpec, PipelineRecipe,
                       TrainRecipe, TrainSpec, load_recipe, recipe_to_yaml)
-from .workspace import Run, Workspace, write_atomic, write_json
+from .workspace import Run, Workspace
 
 
 def broadcast_from_main(value):
@@ -576,7 +577,6 @@ def _task_vector_cosines(sources, base) -> list[list[float]]:
     from contextlib import ExitStack
 
     from merge.dense import pairwise_cosines
-    from merge.streaming import model_layout
 
     layout = model_layout(base.folder)
     with ExitStack() as stack:
@@ -631,7 +631,6 @@ def _merge_plan(recipe: MergeRecipe, sources, base, weights: list[float], params
     from merge.instruction_vector import METHOD as INSTRUCTION_VECTOR
     from merge.instruction_vector import check_merge_parameters, instruction_vector_plan
     from merge.plan import MergePlan
-    from merge.streaming import model_layout
 
     params = check_merge_parameters(recipe.method, params)
     if recipe.method == INSTRUCTION_VECTOR:
