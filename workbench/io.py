@@ -11,7 +11,7 @@ safetensors folders, and the check for NaN / inf weights.
 - Sharded folders: `write_sharded` writes tensors as they are produced into `model.safetensors`,
   or `model-0000k-of-0000N.safetensors` plus `model.safetensors.index.json` past the shard size
   (the layout transformers writes and reads).
-- Finite weights: `all_finite`, one fast pass over a tensor.
+- Finite weights: `all_finite` and `nonfinite_counts` (which tensors hold NaN / inf, and how many).
 
 Part of the workbench's foundation: it knows no training, merging or quantization method. torch
 is imported only by the functions that handle tensors, so that writing a JSON file does not load it.
@@ -437,3 +437,9 @@ def all_finite(t: "torch.Tensor", limit: float = math.inf) -> bool:
     low, high = t.detach().aminmax()
     return bool(-limit <= float(low) and float(high) <= limit) and \
         math.isfinite(float(low)) and math.isfinite(float(high))
+
+
+def nonfinite_counts(named_tensors: Iterable[tuple[str, "torch.Tensor"]]) -> list[tuple[str, int]]:
+    """(name, count of NaN / inf values) for each floating-point tensor that holds any."""
+    return [(name, int((~tensor.isfinite()).sum())) for name, tensor in named_tensors
+            if not all_finite(tensor)]

@@ -18,7 +18,7 @@ import torch
 from quant.bnb import BitsAndBytesUnavailable, bnb_quantization_config
 
 from . import resolver
-from .io import INDEX_NAME, ModelLoadError, read_safetensors_header
+from .io import INDEX_NAME, ModelLoadError, nonfinite_counts, read_safetensors_header
 from .recipes import ModelSpec
 from .resolver import HUB_ID
 
@@ -313,15 +313,6 @@ def load_model(spec: ModelSpec, workspace: "Workspace | None" = None, task: Task
         model = load_adapter(model, source.adapter)
     model.eval()
     return model, tokenizer, source
-
-
-def nonfinite_counts(named_tensors) -> list[tuple[str, int]]:
-    """(name, count of NaN / inf values) for each floating-point tensor that holds any."""
-    found = []
-    for name, tensor in named_tensors:
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            found.append((name, int((~torch.isfinite(tensor)).sum())))
-    return found
 
 
 def _refuse_nonfinite(found: list[tuple[str, int]], folder: Path, what: str) -> None:
