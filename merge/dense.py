@@ -35,19 +35,15 @@ from __future__ import annotations
 import math
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from workbench.io import all_finite, model_layout
+from workbench.io import FLOAT_DTYPES, all_finite, model_layout
 
 from .methods import check_parameters, merge_tensors
-from .streaming import (ShardReader, _check_adapter_format, lora_concat_adapter, merge_lora_into_base,
-                        row_blocks)
+from .streaming import (DeltaReader, ShardReader, _check_adapter_format, lora_concat_adapter,
+                        merge_lora_into_base, row_blocks)
 from .task_vectors import LoraTaskVector
-
-DeltaReader = Callable[[str], "torch.Tensor | None"]
-FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
 
 class FullModelDelta:

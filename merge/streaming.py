@@ -44,8 +44,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from workbench.io import (all_finite, atomic_folder, model_layout, peft_adapter_header, safetensors_dtypes,
-                          safetensors_header, write_sharded)
+from workbench.io import (FLOAT_DTYPES, all_finite, atomic_folder, model_layout, peft_adapter_header,
+                          safetensors_dtypes, safetensors_header, write_sharded)
 
 from .task_vectors import LoraTaskVector
 
@@ -53,12 +53,12 @@ COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "toke
                 "special_tokens_map.json", "chat_template.jinja", "tokenizer.model",
                 "added_tokens.json")
 
-ExtraDeltas = Callable[[str], "torch.Tensor | None"]
+DeltaReader = Callable[[str], "torch.Tensor | None"]  # tensor name → a delta to add, or None
 
 
 def merge_lora_into_base(base_folder: Path, adapters: list[tuple[Path, float]], out_folder: Path,
                          max_shard_bytes: int = 2**31,
-                         extra_deltas: ExtraDeltas | None = None) -> Path:
+                         extra_deltas: DeltaReader | None = None) -> Path:
     """Write base + Σ w_i·s_i·B_i·A_i (+ `extra_deltas(name)` where given) to `out_folder`.
 
     `adapters` holds (PEFT LoRA folder, weight) pairs; a negative weight subtracts an adapter.
@@ -89,7 +89,7 @@ def merge_lora_into_base(base_folder: Path, adapters: list[tuple[Path, float]], 
 
 
 def merged_tensors(base_folder: Path, adapters: list[tuple[Path, float]],
-                   extra_deltas: ExtraDeltas | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+                   extra_deltas: DeltaReader | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) of every tensor `merge_lora_into_base` would write, in storage order, with
     the same checks and the same arithmetic, without writing anything (to evaluate a merge in
     memory). One merged tensor is alive at a time unless the caller keeps them."""
@@ -177,9 +177,6 @@ class ShardReader:
         if self._file is not None:
             self._file.close()
         self._path = self._file = None
-
-
-FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 
 
 def _load_adapters(adapters: list[tuple[Path, float]],
@@ -283,7 +280,7 @@ def _glibc():
         return None
 
 
-def _write_shards(layout: dict, updates: dict, extra_deltas: ExtraDeltas | None, folder: Path,
+def _write_shards(layout: dict, updates: dict, extra_deltas: DeltaReader | None, folder: Path,
                   max_shard_bytes: int) -> dict[str, str]:
     """Every merged tensor, in the base's storage order, into shards in `folder` (`write_sharded`)."""
     read = ShardReader(layout)

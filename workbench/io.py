@@ -38,6 +38,8 @@ if TYPE_CHECKING:
 
 SINGLE_NAME = "model.safetensors"  # an unsharded model's weights
 INDEX_NAME = "model.safetensors.index.json"  # tensor name → shard file of a sharded model
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # pickled weights: loading can run code
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # safetensors dtypes of floating-point tensors
 
 
 class ModelLoadError(RuntimeError):

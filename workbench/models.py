@@ -18,7 +18,7 @@ import torch
 from quant.bnb import BitsAndBytesUnavailable, bnb_quantization_config
 
 from . import resolver
-from .io import INDEX_NAME, ModelLoadError, nonfinite_counts, read_safetensors_header
+from .io import INDEX_NAME, PICKLE_SUFFIXES, ModelLoadError, nonfinite_counts, read_safetensors_header
 from .recipes import ModelSpec
 from .resolver import HUB_ID
 
@@ -42,7 +42,6 @@ BUILTIN_CONFIGS: dict[str, dict] = {
 
 # PEFT adapters (LoRA, RoAd, prompt tuning) and MixDA folders, which PEFT does not know
 ADAPTER_CONFIG_FILES = ("adapter_config.json", "mixda_config.json")
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 @dataclass

@@ -51,6 +51,10 @@ class Fact:
 DOC_SPLITS = ("general_train", "general_eval", "domain_train", "domain_eval")
 QA_SPLITS = ("instruct_train", "general_qa_eval", "general_cloze_eval", "domain_cloze_eval")
 SPLITS = DOC_SPLITS + QA_SPLITS
+# labelled splits for sequence classification (`workbench.data.read_labelled`): sentences of the
+# documents of the first split (label 0, general) and of the second (label 1, domain)
+TOPIC_SPLITS = {"topic_train": ("general_train", "domain_train"),
+                "topic_eval": ("general_eval", "domain_eval")}
 
 
 def qa_text(qa: QA) -> str:
