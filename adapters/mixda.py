@@ -51,16 +51,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from workbench.data import IGNORE
-from workbench.export import atomic_folder
+from workbench.io import atomic_folder
 from workbench.sections import ModelRef, Strict
 
-from .lora import LoraSpec, save_peft_folder
+from .lora import PEFT_TASK_TYPES, LoraSpec, save_peft_folder
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
 BERT_FAMILY = ("bert", "roberta")
 TASKS = ("causal-lm", "masked-lm", "sequence-classification", "feature-extraction")
 MLM_HEAD_NAMES = ("cls", "lm_head")  # BERT, RoBERTa
-PEFT_TASK_TYPES = {"causal-lm": "CAUSAL_LM", "feature-extraction": "FEATURE_EXTRACTION"}
 HEAD_NAMES = ("score", "classifier")
 CONFIG_FILE, WEIGHTS_FILE, LORA_FOLDER = "mixda_config.json", "mixda.safetensors", "task_lora"
 META_ATTR = "_mixda_meta"
@@ -373,7 +372,7 @@ def _attach_lora(model: nn.Module, spec: LoraSpec, task: str) -> nn.Module:
     config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
                         use_rslora=spec.use_rslora,
                         target_modules=_lora_targets(model, spec.target_modules),
-                        task_type=PEFT_TASK_TYPES.get(task))
+                        task_type=None if task == "sequence-classification" else PEFT_TASK_TYPES.get(task))
     return get_peft_model(model, config)
 
 

@@ -160,7 +160,7 @@ class TaskPromptVector:
         a task prompt vector again), and `template`'s tokenizer files."""
         import shutil
 
-        from workbench.export import atomic_folder
+        from workbench.io import atomic_folder
 
         template = Path(template)
         config = json.loads((template / "adapter_config.json").read_text())

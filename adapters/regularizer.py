@@ -31,6 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from workbench.engine import LanguageModelObjective, StepObserver, make_optimizer
+from workbench.io import atomic_file
 from workbench.models import embedding_fingerprint
 
 IMPORTANCE_FILE = "importance.safetensors"
@@ -93,11 +94,10 @@ def layer_coefficients(importance: dict[str, torch.Tensor]) -> dict[str, float]:
 
 def save_importance(importance: dict[str, torch.Tensor], path: Path, fingerprint: str,
                     steps: int, xi: float, seconds: float) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    save_file({n: t.contiguous() for n, t in importance.items()}, tmp,
-              metadata={"model": fingerprint, "steps": str(steps), "xi": str(xi),
-                        "seconds": f"{seconds:.3f}"})
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        save_file({n: t.contiguous() for n, t in importance.items()}, tmp,
+                  metadata={"model": fingerprint, "steps": str(steps), "xi": str(xi),
+                            "seconds": f"{seconds:.3f}"})
 
 
 def load_importance(path: Path, trainable: dict[str, torch.nn.Parameter], fingerprint: str

@@ -308,8 +308,8 @@ class RoadTaskVector:
         for its bias, read from the base's safetensors (a `merge.task_vectors.DenseTaskVector`)."""
         from safetensors import safe_open
 
-        from merge.streaming import model_layout
         from merge.task_vectors import DenseTaskVector
+        from workbench.io import model_layout
 
         layout = model_layout(Path(base_folder))
         deltas = {}
@@ -330,7 +330,7 @@ class RoadTaskVector:
         """Write as a PEFT RoAd folder (loadable by `PeftModel.from_pretrained`)."""
         from safetensors.torch import save_file
 
-        from workbench.export import atomic_folder
+        from workbench.io import atomic_folder
 
         config = dict(self.config)
         if base_ref is not None:

@@ -414,7 +414,7 @@ def compare(a: Path, b: Path) -> dict:
     """Max abs difference (float32) and fraction of differing entries between two model folders."""
     from safetensors import safe_open
 
-    from merge.streaming import model_layout
+    from workbench.io import model_layout
 
     la, lb = model_layout(a), model_layout(b)
     if set(la) != set(lb):
@@ -442,7 +442,7 @@ def reference_check(inputs: Path, args, ours: Path, theirs: Path) -> dict:
     rounding and float32 accumulation; mergekit also rounds each base+LoRA model to float16)."""
     from safetensors import safe_open
 
-    from merge.streaming import model_layout
+    from workbench.io import model_layout
 
     layers = llama_dims(args.size_mb)["num_hidden_layers"]
     names = ["model.layers.0.self_attn.q_proj.weight", f"model.layers.{layers - 1}.mlp.down_proj.weight"]
@@ -477,7 +477,7 @@ def median(values: list[float]) -> float:
 
 
 def summarize(runs: dict[str, list[dict]], inputs: Path) -> dict:
-    from merge.streaming import model_layout
+    from workbench.io import model_layout
 
     layout = model_layout(inputs / "base")
     shard_sizes = {}

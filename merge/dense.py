@@ -35,17 +35,15 @@ from __future__ import annotations
 import math
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from .methods import check_parameters, merge_tensors
-from .streaming import (ShardReader, check_adapter_format, all_finite, lora_concat_adapter,
-                        merge_lora_into_base, model_layout, row_blocks)
-from .task_vectors import LoraTaskVector
+from workbench.io import FLOAT_DTYPES, all_finite, model_layout
 
-DeltaReader = Callable[[str], "torch.Tensor | None"]
-FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+from .methods import check_parameters, merge_tensors
+from .streaming import (DeltaReader, ShardReader, check_adapter_format, lora_concat_adapter,
+                        merge_lora_into_base, row_blocks)
+from .task_vectors import LoraTaskVector
 
 
 class FullModelDelta:

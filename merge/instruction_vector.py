@@ -26,11 +26,12 @@ from __future__ import annotations
 from contextlib import ExitStack
 from pathlib import Path
 
+from workbench.io import model_layout
+
 from .dense import delta_readers
 from .methods import Parameter, check_parameters
 from .plan import DeltaReader, MergePlan, scaled
 from .preflight import input_kind
-from .streaming import model_layout
 
 METHOD = "instruction_vector"
 ROLES = ("domain", "instruct")

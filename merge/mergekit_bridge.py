@@ -69,7 +69,7 @@ import torch
 import yaml
 
 from workbench import resolver
-from workbench.export import atomic_folder
+from workbench.io import ModelLoadError, atomic_folder, model_layout, peft_adapter_header, write_atomic
 from workbench.yamlio import YamlRefused, read_yaml_file
 
 MIN_MERGEKIT = "0.1.5"
@@ -319,7 +319,7 @@ def _run_of(folder: Path, workspace) -> str | None:
 
 
 def _adapter_folder(ref: str, workspace, where: str) -> Path:
-    from workbench.models import ModelLoadError, resolve_source
+    from workbench.models import resolve_source
 
     ref = _in_workspace(ref, workspace)
     if ref.startswith("run:"):
@@ -334,16 +334,10 @@ def _adapter_folder(ref: str, workspace, where: str) -> Path:
 
 
 def _check_peft_adapter(folder: Path, where: str) -> None:
-    from workbench.models import ModelLoadError, read_safetensors_header
-
-    if not (folder / "adapter_config.json").is_file():
-        raise ModelLoadError(f"{where}: {folder} is not a PEFT adapter folder (no adapter_config.json); "
-                             "mergekit merges PEFT adapters as `model+adapter`")
-    weights = folder / "adapter_model.safetensors"
-    if not weights.is_file():
-        raise ModelLoadError(f"{where}: {folder} has no adapter_model.safetensors "
-                             "(pickled adapters are refused)")
-    read_safetensors_header(weights)
+    try:
+        peft_adapter_header(folder)
+    except FileNotFoundError as err:
+        raise ModelLoadError(f"{where}: {err}; mergekit merges PEFT adapters as `model+adapter`") from None
 
 
 def _resolve_one(value: Any, workspace, where: str, parents: list[str]) -> tuple[Any, Path, str | None]:
@@ -351,7 +345,7 @@ def _resolve_one(value: Any, workspace, where: str, parents: list[str]) -> tuple
     a `ModelSpec.path` that loads the same model, or None for an explicit `model+lora`)."""
     from mergekit.common import ModelReference
 
-    from workbench.models import ModelLoadError, check_model_folder, resolve_source
+    from workbench.models import check_model_folder, resolve_source
 
     try:
         reference = ModelReference.model_validate(value)
@@ -409,8 +403,6 @@ def resolve_references(config: dict | str | Path, workspace=None, source: str = 
     (relative to the workspace root first, then to the current folder), a hub id, `model+lora`.
     `stage:<name>` only inside a pipeline, which binds it to `run:<id>` before this runs.
     """
-    from workbench.models import ModelLoadError
-
     data = read_mergekit_config(config) if isinstance(config, (str, Path)) else config
     check_mergekit_config(data, source)
     resolved = copy.deepcopy(data)
@@ -591,8 +583,6 @@ def _check_lora_is_exact(folder: Path) -> None:
 
 
 def _storage_dtype(base_folder: Path) -> str:
-    from merge.streaming import model_layout
-
     dtypes = sorted({d for _, d, _, _ in model_layout(Path(base_folder)).values()
                      if d in STORAGE_DTYPES})
     if len(dtypes) != 1:
@@ -676,8 +666,6 @@ def write_mergekit_yaml(recipe, sources, base, run, weights: list[float] | None 
                         parameters: dict | None = None) -> Path | None:
     """Write `mergekit.yaml` into a merge run's folder when mergekit has an equivalent merge
     (`to_mergekit_yaml`); otherwise log why not and return None."""
-    from workbench.workspace import write_atomic
-
     try:
         text = to_mergekit_yaml(recipe, sources, base, weights, parameters)
     except MergekitUnsupported as err:

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 
-from .streaming import merge_lora_into_base, merged_tensors
-
-DeltaReader = Callable[[str], "torch.Tensor | None"]
+from .streaming import DeltaReader, merge_lora_into_base, merged_tensors
 
 
 @dataclass

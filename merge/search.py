@@ -39,7 +39,7 @@ from typing import Callable, Iterable
 import torch
 
 from workbench.evaluate import gain_forgetting
-from workbench.workspace import write_atomic, write_json
+from workbench.io import write_atomic, write_json
 
 Tensors = Iterable[tuple[str, torch.Tensor]]
 RULES = ("max_gain", "knee")

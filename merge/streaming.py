@@ -12,7 +12,7 @@ Memory stays bounded and the merge fast: tensors are merged in blocks of rows (`
 about a million elements each) wherever the merge acts element by element (LoRA updates, task
 arithmetic over full models), read from the shards block by block (`ShardReader`; the base once,
 however many inputs subtract it) and written to the output shard as they come, on a second thread
-(`BackgroundWriter`). So the merge holds a few blocks plus the adapters' factors, whatever the
+(`workbench.io.write_sharded`). So the merge holds a few blocks plus the adapters' factors, whatever the
 size of a tensor, and its passes (convert, subtract, add, check, cast) run on data in the CPU's
 cache. Output shards hold at most `max_shard_bytes` each. The shard layout follows transformers:
 a single `model.safetensors` when everything fits, else `model-0000k-of-0000N.safetensors` plus
@@ -34,36 +34,31 @@ import json
 import math
 import os
 import platform
-import queue
 import shutil
-import struct
 import sys
-import threading
 import weakref
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from workbench.export import atomic_folder
-from workbench.models import read_safetensors_header
+from workbench.io import (FLOAT_DTYPES, all_finite, atomic_folder, model_layout, peft_adapter_header,
+                          safetensors_dtypes, safetensors_header, write_sharded)
 
 from .task_vectors import LoraTaskVector
 
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
 COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json", "chat_template.jinja", "tokenizer.model",
                 "added_tokens.json")
 
-ExtraDeltas = Callable[[str], "torch.Tensor | None"]
+DeltaReader = Callable[[str], "torch.Tensor | None"]  # tensor name → a delta to add, or None
 
 
 def merge_lora_into_base(base_folder: Path, adapters: list[tuple[Path, float]], out_folder: Path,
                          max_shard_bytes: int = 2**31,
-                         extra_deltas: ExtraDeltas | None = None) -> Path:
+                         extra_deltas: DeltaReader | None = None) -> Path:
     """Write base + Σ w_i·s_i·B_i·A_i (+ `extra_deltas(name)` where given) to `out_folder`.
 
     `adapters` holds (PEFT LoRA folder, weight) pairs; a negative weight subtracts an adapter.
@@ -84,14 +79,9 @@ def merge_lora_into_base(base_folder: Path, adapters: list[tuple[Path, float]], 
     # Pre-flight: headers and factors only, no base weight is read.
     layout = model_layout(base_folder)  # name → (shard path, dtype, shape, nbytes), in file order
     updates = _load_adapters(adapters, layout)  # name → [(B, A, w·s)]
-    shards = _plan_shards(layout, max_shard_bytes)
 
     with atomic_folder(out_folder) as tmp:
-        weight_map = _write_shards(layout, shards, updates, extra_deltas, tmp)
-        if len(shards) > 1:
-            total = sum(nbytes for _, _, _, nbytes in layout.values())
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        _write_shards(layout, updates, extra_deltas, tmp, max_shard_bytes)
         for name in COPIED_FILES:
             if (base_folder / name).is_file():
                 shutil.copy2(base_folder / name, tmp / name)
@@ -99,7 +89,7 @@ def merge_lora_into_base(base_folder: Path, adapters: list[tuple[Path, float]], 
 
 
 def merged_tensors(base_folder: Path, adapters: list[tuple[Path, float]],
-                   extra_deltas: ExtraDeltas | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+                   extra_deltas: DeltaReader | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) of every tensor `merge_lora_into_base` would write, in storage order, with
     the same checks and the same arithmetic, without writing anything (to evaluate a merge in
     memory). One merged tensor is alive at a time unless the caller keeps them."""
@@ -113,51 +103,6 @@ def merged_tensors(base_folder: Path, adapters: list[tuple[Path, float]],
 
 # ----------------------------------------------------------------------------------------------
 # Pre-flight
-
-
-def model_layout(folder: Path) -> dict[str, tuple[Path, str, list[int], int]]:
-    """Every tensor of the base: (shard, safetensors dtype, shape, byte size), in storage order."""
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: base model folder not found")
-    index_path = folder / INDEX_NAME
-    weight_map = None
-    if index_path.is_file():
-        try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
-            raise ValueError(f"{index_path}: unreadable shard index ({type(err).__name__}: {err})") from None
-        shard_files = sorted({folder / f for f in weight_map.values()})
-        missing = [f.name for f in shard_files if not f.is_file()]
-        if missing:
-            raise FileNotFoundError(f"{folder}: shard {missing[0]} is listed in {INDEX_NAME} but "
-                                    f"missing from the folder ({len(missing)} missing: "
-                                    f"{', '.join(missing[:3])})")
-    else:
-        shard_files = sorted(folder.glob("*.safetensors"))
-    if not shard_files:
-        raise FileNotFoundError(f"{folder}: no safetensors weights in the base model folder")
-    layout: dict[str, tuple[Path, str, list[int], int]] = {}
-    for shard in shard_files:
-        header = read_safetensors_header(shard)
-        entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
-                         key=lambda kv: kv[1]["data_offsets"][0])
-        for name, entry in entries:
-            if name in layout:
-                raise ValueError(f"{folder}: tensor {name} is stored twice "
-                                 f"({layout[name][0].name} and {shard.name})")
-            start, end = entry["data_offsets"]
-            layout[name] = (shard, entry["dtype"], list(entry["shape"]), end - start)
-    if weight_map is not None:
-        for name, file_name in weight_map.items():
-            if name not in layout or layout[name][0].name != file_name:
-                raise ValueError(f"tensor {name}: {INDEX_NAME} in {folder} places it in {file_name}, "
-                                 f"but that shard's header does not hold it")
-    return layout
-
-
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
-                      "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
-                      "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
 class ShardReader:
@@ -193,10 +138,7 @@ class ShardReader:
             self.close()
             self._file, self._path = open(path, "rb"), path
             if path not in self._offsets:
-                with open(path, "rb") as f:
-                    (n,) = struct.unpack("<Q", f.read(8))
-                header = read_safetensors_header(path)
-                self._starts[path] = 8 + n
+                header, self._starts[path] = safetensors_header(path)
                 self._offsets[path] = {k: v["data_offsets"][0] for k, v in header.items()
                                        if k != "__metadata__"}
             stat = os.fstat(self._file.fileno())
@@ -207,7 +149,8 @@ class ShardReader:
         """The tensor `name`, or only its rows [start, stop) along dim 0 (`rows`), which lie
         contiguously in the file."""
         path, dtype, shape, nbytes = self.layout[name]
-        if dtype not in SAFETENSORS_DTYPES or sys.byteorder != "little":
+        dtypes = safetensors_dtypes()
+        if dtype not in dtypes or sys.byteorder != "little":
             with safe_open(path, framework="pt") as f:
                 tensor = f.get_tensor(name)
             return tensor if rows is None else tensor[rows[0]:rows[1]]
@@ -226,7 +169,7 @@ class ShardReader:
             f.seek(self._starts[path] + self._offsets[path][name] + skip)
             if f.readinto(memoryview(raw.numpy())) != nbytes:
                 raise OSError(f"{path}: tensor {name} is truncated")
-        tensor = raw.view(SAFETENSORS_DTYPES[dtype]).reshape(shape)
+        tensor = raw.view(dtypes[dtype]).reshape(shape)
         self._alive[key] = tensor
         return tensor
 
@@ -234,9 +177,6 @@ class ShardReader:
         if self._file is not None:
             self._file.close()
         self._path = self._file = None
-
-
-FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 
 
 def _load_adapters(adapters: list[tuple[Path, float]],
@@ -273,38 +213,22 @@ def _load_adapters(adapters: list[tuple[Path, float]],
 
 
 def check_adapter_format(folder: Path) -> None:
-    config_path = folder / "adapter_config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{folder}: no adapter_config.json (not a PEFT adapter folder)")
-    config = json.loads(config_path.read_text())
+    """A PEFT LoRA adapter this merge folds in exactly: plain LoRA of linear layers (no DoRA, no
+    fan_in_fan_out, nothing but lora_A/lora_B pairs); ValueError or FileNotFoundError if not."""
+    header = peft_adapter_header(folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
     if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{folder}: a {config['peft_type']} adapter, only LoRA can be merged here")
     if config.get("use_dora"):
         raise ValueError(f"{folder}: DoRA adapters are not supported by this merge")
     if config.get("fan_in_fan_out"):
         raise ValueError(f"{folder}: fan_in_fan_out adapters are not supported by this merge")
-    weights = folder / "adapter_model.safetensors"
-    if not weights.is_file():
-        raise FileNotFoundError(f"{folder}: no adapter_model.safetensors")
     # Anything besides lora_A/lora_B pairs (embedding LoRA, DoRA magnitudes, trained biases,
     # fully trained modules) cannot be folded into W + s·B·A: refused rather than dropped.
-    for key in read_safetensors_header(weights):
+    for key in header:
         if key != "__metadata__" and ".lora_A." not in key and ".lora_B." not in key:
             raise ValueError(f"{folder}: tensor {key} cannot be merged by this merge "
                              "(only lora_A/lora_B pairs of linear layers can)")
-
-
-def _plan_shards(layout: dict, max_shard_bytes: int) -> list[list[str]]:
-    """Greedy, in storage order: start a new shard when the next tensor would overflow this one."""
-    shards: list[list[str]] = [[]]
-    size = 0
-    for name, (_, _, _, nbytes) in layout.items():
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
-    return shards
 
 
 # ----------------------------------------------------------------------------------------------
@@ -356,113 +280,14 @@ def _glibc():
         return None
 
 
-def _write_shards(layout: dict, shards: list[list[str]], updates: dict,
-                  extra_deltas: ExtraDeltas | None, folder: Path) -> dict[str, str]:
-    n = len(shards)
-    weight_map: dict[str, str] = {}
+def _write_shards(layout: dict, updates: dict, extra_deltas: DeltaReader | None, folder: Path,
+                  max_shard_bytes: int) -> dict[str, str]:
+    """Every merged tensor, in the base's storage order, into shards in `folder` (`write_sharded`)."""
     read = ShardReader(layout)
     with freed_memory_kept(), contextlib.closing(read):
-        for k, names in enumerate(shards, start=1):
-            file_name = SINGLE_NAME if n == 1 else f"model-{k:05d}-of-{n:05d}.safetensors"
-            specs = [(name, layout[name][1], layout[name][2]) for name in names]
-            merged = (_merged_blocks(name, read, updates.get(name, ()), extra_deltas) for name in names)
-            weight_map.update({name: file_name for name in names})
-            try:
-                write_shard(folder / file_name, specs, merged, metadata={"format": "pt"})
-            except OSError as err:  # disk full, quota, I/O error: say which file, then clean up
-                raise OSError(err.errno, f"writing {file_name} (shard {k} of {n}) failed: "
-                              f"{err.strerror or err}; the export stopped and its partial folder "
-                              "is removed, the target was not created", str(folder / file_name)) from err
-    return weight_map
-
-
-def write_shard(path: Path, specs: list[tuple[str, str, list[int]]],
-                tensors: Iterator["torch.Tensor | Iterable[torch.Tensor]"],
-                metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file tensor by tensor: the header first (offsets follow from the names,
-    dtypes and shapes in `specs`), then each tensor's bytes as `tensors` produces it. An item of
-    `tensors` may also be an iterable of row blocks (consecutive slices along dim 0), written as
-    they come.
-
-    Written by hand because `safetensors.torch.save_file` needs every tensor at once and copies them
-    all into bytes before writing, so a shard would sit in memory twice; here at most one tensor is
-    held. The file is the standard format (8-byte little-endian header length, JSON header padded
-    with spaces to 8 bytes, tensors back to back in header order).
-    """
-    header: dict = {}
-    begin = 0
-    for name, dtype, shape in specs:
-        size = math.prod(shape) * torch.empty((), dtype=SAFETENSORS_DTYPES[dtype]).element_size()
-        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [begin, begin + size]}
-        begin += size
-    if metadata:
-        header["__metadata__"] = metadata
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f, BackgroundWriter(f) as out:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for (name, dtype, shape), item in zip(specs, tensors, strict=True):
-            blocks = (item,) if isinstance(item, torch.Tensor) else item
-            rows = 0
-            for block in blocks:
-                whole = block is item
-                if block.dtype != SAFETENSORS_DTYPES[dtype] or \
-                        list(block.shape[int(not whole):]) != list(shape[int(not whole):]):
-                    raise ValueError(f"tensor {name}: produced {block.dtype} {list(block.shape)}"
-                                     f"{'' if whole else ' (a block of rows)'}, the header says "
-                                     f"{dtype} {list(shape)}")
-                rows += block.shape[0] if block.dim() and not whole else 0
-                out.write(block.detach().cpu().contiguous().reshape(-1).view(torch.uint8))
-                del block
-            if not isinstance(item, torch.Tensor) and rows != (shape[0] if shape else 0):
-                raise ValueError(f"tensor {name}: produced {rows} rows, the header says {list(shape)}")
-
-
-class BackgroundWriter:
-    """Writes byte tensors to an open file on a second thread, in order, while the caller computes
-    the next ones (the write system call releases the GIL). At most `depth` tensors wait at a time.
-    An error of the write (disk full, ...) is raised in the caller by its next `write` or at the
-    end of the `with` block; leaving the block waits until everything queued is written."""
-
-    def __init__(self, file, depth: int = 8):
-        self.file, self.error = file, None
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
-
-    def __enter__(self) -> "BackgroundWriter":
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            if self.error is None:  # after an error, only drain the queue
-                try:
-                    self.file.write(item.numpy().data)
-                except BaseException as err:  # noqa: BLE001 (handed over to the caller)
-                    self.error = err
-
-    def write(self, data: torch.Tensor) -> None:
-        """Queue the bytes of a uint8 tensor (kept alive until written)."""
-        if self.error is not None:
-            raise self.error
-        self._queue.put(data)
-
-    def __exit__(self, *exc) -> None:
-        self._queue.put(None)
-        self._thread.join()
-        if self.error is not None and exc[0] is None:
-            raise self.error
-
-
-def all_finite(t: torch.Tensor, limit: float = math.inf) -> bool:
-    """No NaN or inf in `t` (and |t| ≤ `limit`): one min/max pass (NaN propagates through it),
-    several times faster on the CPU than torch.isfinite."""
-    if t.numel() == 0 or not t.is_floating_point():
-        return True
-    low, high = torch.aminmax(t)
-    return bool(-limit <= float(low) and float(high) <= limit) and \
-        math.isfinite(float(low)) and math.isfinite(float(high))
+        specs = [(name, dtype, shape) for name, (_, dtype, shape, _) in layout.items()]
+        merged = (_merged_blocks(name, read, updates.get(name, ()), extra_deltas) for name in layout)
+        return write_sharded(folder, specs, merged, max_shard_bytes, metadata={"format": "pt"})
 
 
 BLOCK_ELEMENTS = 1 << 20  # merge rows in blocks of about this many elements (4 MiB in float32)
@@ -573,7 +398,7 @@ def stacked_lora_factors(adapters: list[tuple[Path, float]]
         vector = LoraTaskVector.from_peft_folder(folder)
         for name, (b, a, _) in vector.factors.items():
             for part, t in (("lora_B", b), ("lora_A", a)):
-                if not torch.isfinite(t).all():
+                if not all_finite(t):
                     raise ValueError(f"tensor {name}: {part} in {folder} holds NaN or inf")
         ranks = {a.shape[0] for b, a, _ in vector.factors.values()}
         if len(ranks) != 1:

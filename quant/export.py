@@ -29,7 +29,7 @@ transformers 5.23 with compressed-tensors 0.20 cannot load such folders, theirs 
 load path builds an unpacked `weight_zero_point` and refuses the packed one in the checkpoint.
 
 The dequantized export is an ordinary Hugging Face folder of Ŵ in the model dtype: it loads
-anywhere and gives the same logits. Both are written atomically (`workbench.export.atomic_folder`).
+anywhere and gives the same logits. Both are written atomically (`workbench.io.atomic_folder`).
 """
 
 from __future__ import annotations
@@ -40,17 +40,15 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from workbench.export import atomic_folder, save_model_folder
+from workbench.export import save_model_folder
+from workbench.io import atomic_folder, write_tensors_sharded
 
 from .rtn import QuantError, QuantizedWeight, WeightQuantSpec
 
 PACKED_BITS = (4, 8)
 QUANT_METHOD = "compressed-tensors"  # the name transformers and vLLM dispatch on; never invent one
 FORMAT = "pack-quantized"
-SINGLE_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -176,30 +174,6 @@ def unique_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def write_shards(tensors: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int) -> None:
-    """`model.safetensors`, or `model-0000k-of-0000N.safetensors` + index past `max_shard_bytes`."""
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, tensor in tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensor.detach().cpu().contiguous()
-        size += nbytes
-    if len(shards) == 1:
-        save_file(shards[0], str(folder / SINGLE_NAME), metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards, start=1):
-        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(folder / file), metadata={"format": "pt"})
-        weight_map.update({name: file for name in shard})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-
-
 def compressed_state(model: torch.nn.Module, quantized: dict[str, QuantizedWeight]) -> dict[str, torch.Tensor]:
     """Every tensor of the export: quantized layers packed, the rest as they are."""
     state = unique_state(model)
@@ -229,7 +203,7 @@ def export_compressed(model: torch.nn.Module, tokenizer, quantized: dict[str, Qu
     ignore = [name for name, m in model.named_modules()
               if isinstance(m, torch.nn.Linear) and name not in quantized]
     with atomic_folder(Path(folder), overwrite) as tmp:
-        write_shards(state, tmp, max_shard_bytes)
+        write_tensors_sharded(state, tmp, max_shard_bytes, metadata={"format": "pt"})
         model.config.save_pretrained(tmp)
         config = json.loads((tmp / "config.json").read_text())
         config["quantization_config"] = quantization_config(spec, ignore)

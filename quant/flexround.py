@@ -35,7 +35,6 @@ from __future__ import annotations
 import inspect
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from workbench.workspace import write_json
+from workbench.io import atomic_file, write_json
 
 from .rtn import (QuantError, QuantizedWeight, WeightQuantSpec, block_linears, check_model,
                   find_blocks, grouped, integer_codes, quant_grid)
@@ -391,9 +390,8 @@ def save_checkpoint(result: FlexRoundResult, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {f"{name}.{key}": getattr(qw, key).contiguous()
                for name, qw in result.quantized.items() for key in ("codes", "scale", "zero_point")}
-    tmp = folder / f".{CHECKPOINT_TENSORS}.tmp"
-    save_file(tensors, str(tmp))
-    os.replace(tmp, folder / CHECKPOINT_TENSORS)
+    with atomic_file(folder / CHECKPOINT_TENSORS) as tmp:
+        save_file(tensors, str(tmp))
     write_json(folder / CHECKPOINT_INFO, {"layers": sorted(result.quantized), "blocks": result.blocks})
 
 

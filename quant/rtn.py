@@ -28,6 +28,8 @@ from typing import Callable, Literal
 
 import torch
 
+from workbench.io import nonfinite_counts
+
 Granularity = Literal["tensor", "channel", "group"]
 Clipping = Literal["minmax", "search"]
 
@@ -100,9 +102,9 @@ def check_weight(weight: torch.Tensor, spec: WeightQuantSpec, name: str = "weigh
     """A weight that can be quantized with `spec`: 2-D, finite, input width divisible by groups."""
     if weight.dim() != 2:
         raise QuantError(f"{name}: expected a 2-D weight, got shape {tuple(weight.shape)}")
-    bad = int((~torch.isfinite(weight)).sum())
-    if bad:
-        raise QuantError(f"{name}: {bad} NaN or infinite value(s) in the weight; "
+    found = nonfinite_counts([(name, weight)])
+    if found:
+        raise QuantError(f"{name}: {found[0][1]} NaN or infinite value(s) in the weight; "
                          "quantization needs finite weights")
     if spec.granularity == "group" and weight.shape[1] % spec.group_size:
         raise QuantError(f"{name}: group_size={spec.group_size} does not divide the input width "

@@ -16,10 +16,11 @@ from dataclasses import asdict
 from workbench.data import read_texts
 from workbench.engine import seed_everything
 from workbench.evaluate import embedding_cosine, evaluate_model, general_embeddings
+from workbench.io import write_json
 from workbench.models import ModelLoadError, is_encoder, load_model, max_sequence_length, resolve_source
 from workbench.sections import recipe_to_yaml
 from workbench.stage_support import run_parents, say
-from workbench.workspace import Run, Workspace, write_json
+from workbench.workspace import Run, Workspace
 
 from .export import export_compressed, export_dequantized, weights_size
 from .flexround import (calibration_batches, flexround_quantize, load_checkpoint, resolve_config,

@@ -244,10 +244,10 @@ def test_nan_or_inf_in_a_tensor_is_named_and_nothing_is_written(world, tmp_path)
 
 
 def test_disk_full_during_export_stops_cleanly(world, tmp_path, monkeypatch):
-    import merge.streaming as streaming
+    import workbench.io as wio
 
     written = []
-    real_write = streaming.write_shard
+    real_write = wio.write_shard
 
     def filling_disk(path, specs, tensors, metadata=None):
         if written:  # the second shard does not fit: it fails half-way through its tensors
@@ -257,7 +257,7 @@ def test_disk_full_during_export_stops_cleanly(world, tmp_path, monkeypatch):
         real_write(path, specs, tensors, metadata=metadata)
         written.append(Path(path).name)
 
-    monkeypatch.setattr(streaming, "write_shard", filling_disk)
+    monkeypatch.setattr(wio, "write_shard", filling_disk)
     out, n = tmp_path / "out", _shard_count(world["base"])
     with pytest.raises(OSError, match=rf"writing model-00002-of-{n:05d}.safetensors \(shard 2 of {n}\) "
                                       r"failed: No space left on device") as info:
@@ -284,15 +284,15 @@ def test_existing_output_folder_is_refused_and_untouched(world, tmp_path):
 KILLED_EXPORT = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    import merge.streaming as streaming
+    import workbench.io as wio
 
-    real_write = streaming.write_shard
+    real_write = wio.write_shard
 
     def write_then_pause(path, specs, tensors, metadata=None):
         real_write(path, specs, tensors, metadata=metadata)
         time.sleep(120)  # after each shard: the parent kills the export here, mid-way
 
-    streaming.write_shard = write_then_pause
+    wio.write_shard = write_then_pause
     from merge.dense import merge_folders
 
     base, lora, full, out = map(Path, sys.argv[1:5])
@@ -335,6 +335,6 @@ def test_kill_during_export_leaves_the_target_untouched_and_a_rerun_succeeds(wor
 
 
 def _shard_count(base: Path) -> int:
-    from merge.streaming import _plan_shards, model_layout
+    from workbench.io import model_layout, plan_shards
 
-    return len(_plan_shards(model_layout(base), 20_000))
+    return len(plan_shards(((name, entry[3]) for name, entry in model_layout(base).items()), 20_000))

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import quant.export as qexport
+import workbench.io as wio
 from quant.export import (compressed_state, export_compressed, pack_weight, quantization_config,
                           read_compressed, unpack_weight, weight_args)
 from quant.report import quantized_bytes
@@ -107,32 +107,32 @@ def test_widths_that_do_not_pack_are_refused(tmp_path):
 
 def test_a_killed_export_leaves_no_half_written_folder(tmp_path, monkeypatch):
     model, codes = tiny_quantized(WeightQuantSpec(bits=4, symmetric=True))
-    real_save, calls = qexport.save_file, []
+    real_save, calls = wio.write_shard, []
 
     def killed_on_second_shard(*args, **kwargs):
-        calls.append(args[1])
+        calls.append(args[0])
         if len(calls) == 2:
             raise KeyboardInterrupt
         return real_save(*args, **kwargs)
 
-    monkeypatch.setattr(qexport, "save_file", killed_on_second_shard)
+    monkeypatch.setattr(wio, "write_shard", killed_on_second_shard)
     target = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         export_compressed(model, None, codes, target, max_shard_bytes=4096)
     assert len(calls) == 2 and not target.exists() and list(tmp_path.iterdir()) == []
     # an existing export is replaced only by a complete one
-    monkeypatch.setattr(qexport, "save_file", real_save)
+    monkeypatch.setattr(wio, "write_shard", real_save)
     export_compressed(model, None, codes, target)
     before = {p.name: p.read_bytes() for p in target.iterdir()}
     calls.clear()
-    monkeypatch.setattr(qexport, "save_file", killed_on_second_shard)
+    monkeypatch.setattr(wio, "write_shard", killed_on_second_shard)
     with pytest.raises(KeyboardInterrupt):
         export_compressed(model, None, codes, target, max_shard_bytes=4096, overwrite=True)
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
     # a process killed outright leaves its hidden partial folder; the next export clears it
     (tmp_path / ".out2.partial").mkdir()
     (tmp_path / ".out2.partial" / "model.safetensors").write_bytes(b"half")
-    monkeypatch.setattr(qexport, "save_file", real_save)
+    monkeypatch.setattr(wio, "write_shard", real_save)
     export_compressed(model, None, codes, tmp_path / "out2", max_shard_bytes=4096)
     assert not (tmp_path / ".out2.partial").exists()
     assert (tmp_path / "out2" / "model.safetensors.index.json").is_file()

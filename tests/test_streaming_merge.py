@@ -142,17 +142,17 @@ def test_existing_output_is_refused_and_untouched(setup):
 
 
 def test_failure_half_way_leaves_no_output(setup, monkeypatch):
-    import merge.streaming as streaming
+    import workbench.io as wio
 
     root, base, first, _ = setup
     seen, written = [], []
-    write = streaming.write_shard
+    write = wio.write_shard
 
     def recording_write(path, specs, tensors, metadata=None):
         written.append(path.name)
         write(path, specs, tensors, metadata=metadata)
 
-    monkeypatch.setattr(streaming, "write_shard", recording_write)
+    monkeypatch.setattr(wio, "write_shard", recording_write)
 
     def failing(name):
         seen.append(name)
@@ -247,7 +247,7 @@ def test_shard_writer_matches_safetensors_byte_for_byte_in_content(tmp_path):
     with metadata, and a producer that yields the wrong shape is refused."""
     from safetensors import safe_open
 
-    from merge.streaming import write_shard
+    from workbench.io import write_shard
 
     tensors = {"a.weight": torch.randn(3, 5, dtype=torch.float16),
                "b.weight": torch.randn(4, dtype=torch.bfloat16),

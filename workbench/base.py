@@ -13,12 +13,13 @@ from .data import BatchPlan, encode_documents, get_world, pack_source
 from .engine import make_accelerator, seed_everything, train_loop
 from .evaluate import evaluate_model
 from .export import save_model_folder
+from .io import write_json
 from .methods import get_method
 from .models import (DEFAULT_BASE_NAME, build_model_from_config, builtin_config,
                      set_default_base_builder)
 from .recipes import PretrainRecipe, recipe_to_yaml
 from .stage_support import check_seq_len, say, total_steps
-from .workspace import Run, Workspace, write_json
+from .workspace import Run, Workspace
 
 
 

@@ -26,6 +26,7 @@ import torch
 
 from . import resolver
 from .workspace import JsonlError, read_jsonl_numbered
+from .world import TOPIC_SPLITS
 
 IGNORE = -100
 
@@ -114,8 +115,6 @@ def read_texts(source: str, world_seed: int = 0, world_size: str = "default") ->
     return _read_lines(path)
 
 
-TOPIC_SPLITS = {"topic_train": ("general_train", "domain_train"),
-                "topic_eval": ("general_eval", "domain_eval")}
 TOPIC_ROWS = {"tiny": {"topic_train": 160, "topic_eval": 60},
               "default": {"topic_train": 1000, "topic_eval": 200}}
 

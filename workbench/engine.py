@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .data import IGNORE, BatchPlan
+from .io import atomic_folder, partial_folder
 from .sections import TrainSpec
 from .workspace import Run, write_json
 
@@ -146,29 +147,25 @@ class Progress:
 
 def save_checkpoint(folder: Path, trainable: dict[str, torch.nn.Parameter], optimizer,
                     progress: Progress, rank: int, is_main: bool, keep: int) -> Path:
-    """Write checkpoints/step-NNNNNN atomically (hidden temp folder, then rename)."""
+    """Write checkpoints/step-NNNNNN atomically (hidden temp folder, then rename: `atomic_folder`,
+    made and renamed by the main process; every process writes its RNG state into it)."""
     target = folder / f"step-{progress.step:06d}"
-    tmp = folder / f".step-{progress.step:06d}.partial"
+    writing = atomic_folder(target, overwrite=True) if is_main else nullcontext(partial_folder(target))
+    with writing as tmp:
+        if is_main:
+            save_file({n: p.detach().cpu().contiguous() for n, p in trainable.items()},
+                      tmp / "trainable.safetensors")
+            tensors, meta = _flatten_optimizer(optimizer.state_dict())
+            save_file(tensors, tmp / "optimizer.safetensors")
+            write_json(tmp / "optimizer.json", meta)
+            write_json(tmp / "progress.json", progress.__dict__)
+        _barrier()
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        save_file(rng, tmp / f"rng-{rank}.safetensors")
+        _barrier()
     if is_main:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        save_file({n: p.detach().cpu().contiguous() for n, p in trainable.items()},
-                  tmp / "trainable.safetensors")
-        tensors, meta = _flatten_optimizer(optimizer.state_dict())
-        save_file(tensors, tmp / "optimizer.safetensors")
-        write_json(tmp / "optimizer.json", meta)
-        write_json(tmp / "progress.json", progress.__dict__)
-    _barrier()
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    save_file(rng, tmp / f"rng-{rank}.safetensors")
-    _barrier()
-    if is_main:
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
         for old in sorted(folder.glob("step-*"))[:-keep]:
             shutil.rmtree(old)
     _barrier()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal
@@ -19,6 +18,7 @@ import torch
 from .bnb import BitsAndBytesUnavailable, bnb_quantization_config
 
 from . import resolver
+from .io import INDEX_NAME, PICKLE_SUFFIXES, ModelLoadError, nonfinite_counts, read_safetensors_header
 from .methods import adapter_config_files, is_adapter_folder, method_of_folder
 from .sections import ModelSpec
 from .resolver import HUB_ID
@@ -41,11 +41,6 @@ BUILTIN_CONFIGS: dict[str, dict] = {
                        vocab_size=32000),
 }
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-
-
-class ModelLoadError(RuntimeError):
-    """A model that cannot be loaded: the message says which path or file and why."""
 
 
 @dataclass
@@ -82,50 +77,12 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 # Checks before any weight is read
 
 
-def read_safetensors_header(path: Path) -> dict:
-    """Parse and check a safetensors header; raise ModelLoadError naming the file if corrupt.
-
-    Format: 8-byte little-endian header length N, N bytes of JSON {name: {dtype, shape,
-    data_offsets}}, then the data buffer, whose size must equal the largest end offset.
-    """
-    path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ModelLoadError(f"{path}: corrupt safetensors file (shorter than its 8-byte header)")
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8 or n > 512 * 1024 * 1024:
-            raise ModelLoadError(f"{path}: corrupt or truncated safetensors file "
-                                 f"(header claims {n} bytes, file has {size})")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ModelLoadError(f"{path}: corrupt safetensors header ({err})") from None
-    if not isinstance(header, dict):
-        raise ModelLoadError(f"{path}: corrupt safetensors header (not a JSON object)")
-    ends = []
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2
-                and all(type(o) is int for o in offsets) and 0 <= offsets[0] <= offsets[1]):
-            raise ModelLoadError(f"{path}: corrupt safetensors header (bad entry for tensor '{name}')")
-        ends.append(offsets[1])
-    expected = 8 + n + (max(ends) if ends else 0)
-    if size != expected:
-        raise ModelLoadError(f"{path}: truncated or corrupt safetensors file "
-                             f"({size} bytes on disk, header describes {expected})")
-    return header
-
-
 def check_model_folder(folder: Path, allow_pickle: bool) -> Literal["safetensors", "pickle"]:
     """Which weight format a folder holds; refuse pickles unless allowed; check every header."""
     if not (folder / "config.json").is_file():
         raise ModelLoadError(f"{folder}: not a model folder (no config.json)")
     shards = sorted(folder.glob("*.safetensors"))
-    index = folder / "model.safetensors.index.json"
+    index = folder / INDEX_NAME
     if index.is_file():
         try:
             names = set(json.loads(index.read_text())["weight_map"].values())
@@ -372,15 +329,6 @@ def load_model(spec: ModelSpec, workspace: "Workspace | None" = None, task: Task
         model = load_adapter(model, source.adapter)
     model.eval()
     return model, tokenizer, source
-
-
-def nonfinite_counts(named_tensors) -> list[tuple[str, int]]:
-    """(name, count of NaN / inf values) for each floating-point tensor that holds any."""
-    found = []
-    for name, tensor in named_tensors:
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            found.append((name, int((~torch.isfinite(tensor)).sum())))
-    return found
 
 
 def _refuse_nonfinite(found: list[tuple[str, int]], folder: Path, what: str) -> None:

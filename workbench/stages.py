@@ -22,13 +22,14 @@ from .engine import (ClassificationObjective, TokenMasker, make_accelerator, pro
                      seed_everything, train_loop)
 from .evaluate import (classifier_metrics, classifier_report, embedding_cosine, evaluate_model,
                        format_classifier_report, format_report, gain_forgetting, masked_lm_metrics)
+from .io import model_layout, write_atomic, write_json
 from .methods import get_method
 from .models import (ModelLoadError, ModelSource, is_encoder, load_model, max_sequence_length,
                      recorded_base, resolve_local_source, resolve_source)
 from .recipes import (EvalRecipe, MergekitRecipe, MergeRecipe, ModelSpec, PipelineRecipe,
                       TrainRecipe, TrainSpec, load_recipe, recipe_to_yaml)
 from .stage_support import broadcast_from_main, check_seq_len, run_parents, say, total_steps
-from .workspace import Run, Workspace, write_atomic, write_json
+from .workspace import Run, Workspace
 
 
 # ----------------------------------------------------------------------------------------------
@@ -598,7 +599,6 @@ def _task_vector_cosines(sources, base) -> list[list[float]]:
     from contextlib import ExitStack
 
     from merge.dense import pairwise_cosines
-    from merge.streaming import model_layout
 
     layout = model_layout(base.folder)
     with ExitStack() as stack:
@@ -654,7 +654,6 @@ def _merge_plan(recipe: MergeRecipe, sources, base, weights: list[float], params
     from merge.instruction_vector import check_merge_parameters, instruction_vector_plan
     from merge.plan import MergePlan
     from merge.preflight import plan_of
-    from merge.streaming import model_layout
 
     params = check_merge_parameters(recipe.method, params)
     if recipe.method == INSTRUCTION_VECTOR:

@@ -8,7 +8,6 @@ is written atomically (temporary file + rename); a run is only marked `done` by 
 from __future__ import annotations
 
 import datetime as _dt
-import errno
 import json
 import os
 import platform
@@ -16,10 +15,11 @@ import secrets
 import shutil
 import socket
 import traceback
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from .io import WriteFailed, write_atomic, write_json
 from .resolver import RUN_ID
 
 ENV_HOME = "WORKBENCH_HOME"
@@ -27,57 +27,6 @@ ENV_HOME = "WORKBENCH_HOME"
 
 class RunNotFound(LookupError):
     """No run matches the id or prefix given."""
-
-
-class WriteFailed(OSError):
-    """A file could not be written. The message names the file, and says so when the disk is full."""
-
-    def __str__(self) -> str:
-        return self.strerror
-
-    @classmethod
-    def of(cls, err: OSError, path: Path) -> "WriteFailed":
-        """The same failure (same errno) told with the path the caller meant to write."""
-        if err.errno == errno.ENOSPC:
-            reason = "the disk is full (no space left on device); free some space and try again"
-        else:
-            reason = err.strerror or str(err)
-        return cls(err.errno, f"cannot write {path}: {reason}", str(path))
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    """Write every byte of `data` to `fd` (os.write may write only part of it)."""
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write a file so readers see the old content or the new one, never half of it.
-
-    On failure (a full disk, no permission) the temporary file is removed and a `WriteFailed`
-    naming `path` is raised.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    payload = data.encode("utf-8") if isinstance(data, str) else data
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-        try:
-            _write_all(fd, payload)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except OSError as err:
-        with suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise WriteFailed.of(err, path) from err
-
-
-def write_json(path: Path, obj: Any) -> None:
-    write_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,11 +13,11 @@ so the same seed always gives byte-identical output.
 from __future__ import annotations
 
 import json
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from .io import write_atomic
 from .workspace import read_jsonl
 
 USER_TOKEN = "<|user|>"
@@ -51,6 +51,10 @@ class Fact:
 DOC_SPLITS = ("general_train", "general_eval", "domain_train", "domain_eval")
 QA_SPLITS = ("instruct_train", "general_qa_eval", "general_cloze_eval", "domain_cloze_eval")
 SPLITS = DOC_SPLITS + QA_SPLITS
+# labelled splits for sequence classification (`workbench.data.read_labelled`): sentences of the
+# documents of the first split (label 0, general) and of the second (label 1, domain)
+TOPIC_SPLITS = {"topic_train": ("general_train", "domain_train"),
+                "topic_eval": ("general_eval", "domain_eval")}
 
 
 def qa_text(qa: QA) -> str:
@@ -921,14 +925,6 @@ def generate_world(seed: int = 0, size: str = "default") -> World:
 # ---------------------------------------------------------------------------
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace``."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8", newline="\n") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
-
-
 def split_filename(name: str) -> str:
     """File name of a split: ``<name>.txt`` for documents, ``<name>.jsonl`` for QA items."""
     if name not in SPLITS:
@@ -941,13 +937,13 @@ def write_world(world: World, folder: Path) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for name in DOC_SPLITS:
-        _write_atomic(folder / split_filename(name), "".join(doc + "\n" for doc in world.split(name)))
+        write_atomic(folder / split_filename(name), "".join(doc + "\n" for doc in world.split(name)))
     for name in QA_SPLITS:
         records = [{"prompt": qa.prompt, "answer": qa.answer} for qa in world.split(name)]
         lines = [json.dumps(record, ensure_ascii=False) for record in records]
-        _write_atomic(folder / split_filename(name), "".join(line + "\n" for line in lines))
+        write_atomic(folder / split_filename(name), "".join(line + "\n" for line in lines))
     meta = {"seed": world.seed, "counts": {name: len(world.split(name)) for name in SPLITS}}
-    _write_atomic(folder / "world.json", json.dumps(meta, indent=2) + "\n")
+    write_atomic(folder / "world.json", json.dumps(meta, indent=2) + "\n")
 
 
 def read_world(folder: Path) -> World:

@@ -29,7 +29,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from ..export import atomic_folder
+from ..io import PICKLE_SUFFIXES, atomic_folder
 from ..methods import is_adapter_folder, method_of_folder
 from ..workspace import Run, RunNotFound, Workspace, write_json
 
@@ -41,7 +41,6 @@ KINDS = {
     "dequantized": "dequantized float model folder",
 }
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 MERGEABLE_ADAPTERS = ("lora", "road")  # adapters that fold into the weights
 
 

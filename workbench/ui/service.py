@@ -18,16 +18,16 @@ from typing import Any
 
 import yaml
 
+from ..io import write_atomic
 from ..jobs import JobError, JobQueue
 from ..recipes import KINDS, RecipeError, parse_recipe, recipe_to_yaml
 from ..resolver import PathRefused, Resolver, using
-from ..workspace import JsonlError, RunNotFound, Workspace, headline, write_atomic
+from ..workspace import JsonlError, RunNotFound, Workspace, headline
 from ..yamlio import MAX_YAML_BYTES, YamlRefused, load_yaml
-from ..world import SPLITS
+from ..world import SPLITS, TOPIC_SPLITS
 from . import compare, exporting, paths
 from .forms import SOURCE, split_errors
 
-TOPIC_SPLITS = ("topic_train", "topic_eval")  # labelled splits built by workbench.data.read_labelled
 RECIPE_SUFFIXES = (".yaml", ".yml")
 DATA_SUFFIXES = (".txt", ".jsonl")
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"  # present in a source checkout
