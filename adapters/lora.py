@@ -14,7 +14,9 @@ from typing import Literal, Union
 import torch
 from pydantic import Field
 
+from workbench.io import all_finite, peft_adapter_header
 from workbench.sections import Strict
+from workbench.task_vector import LoraTaskVector
 
 PEFT_TASK_TYPES = {"causal-lm": "CAUSAL_LM", "sequence-classification": "SEQ_CLS",
                    "feature-extraction": "FEATURE_EXTRACTION"}
@@ -29,6 +31,25 @@ class LoraSpec(Strict):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
     use_rslora: bool = False
+
+
+def check_adapter_format(folder: Path) -> None:
+    """A PEFT LoRA adapter this merge folds in exactly: plain LoRA of linear layers (no DoRA, no
+    fan_in_fan_out, nothing but lora_A/lora_B pairs); ValueError or FileNotFoundError if not."""
+    header = peft_adapter_header(folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{folder}: a {config['peft_type']} adapter, only LoRA can be merged here")
+    if config.get("use_dora"):
+        raise ValueError(f"{folder}: DoRA adapters are not supported by this merge")
+    if config.get("fan_in_fan_out"):
+        raise ValueError(f"{folder}: fan_in_fan_out adapters are not supported by this merge")
+    # Anything besides lora_A/lora_B pairs (embedding LoRA, DoRA magnitudes, trained biases,
+    # fully trained modules) cannot be folded into W + s·B·A: refused rather than dropped.
+    for key in header:
+        if key != "__metadata__" and ".lora_A." not in key and ".lora_B." not in key:
+            raise ValueError(f"{folder}: tensor {key} cannot be merged by this merge "
+                             "(only lora_A/lora_B pairs of linear layers can)")
 
 
 def peft_type(folder: Path) -> str | None:
@@ -81,13 +102,9 @@ class LoraMethod(PeftSaved):
         return load(model, folder, trainable)
 
     def task_vector(self, folder: Path, base_folder: Path | None = None):
-        from merge.task_vectors import LoraTaskVector
-
         return LoraTaskVector.from_peft_folder(folder)
 
     def delta_reader(self, folder: Path, layout: dict, stack):
-        from merge.dense import LoraDelta
-
         return LoraDelta(folder, layout)
 
 
@@ -104,6 +121,32 @@ def save_peft_folder(model, tokenizer, folder: Path, base_ref: str) -> None:
     model.save_pretrained(folder, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
+
+
+class LoraDelta:
+    """τ[name] = s·B·A for the weights a LoRA adapter adapts, None elsewhere."""
+
+    fresh = True  # each call returns a new tensor (see merge.streaming._merged_tensor)
+
+    def __init__(self, folder: Path, base_layout: dict):
+        folder = Path(folder)
+        check_adapter_format(folder)
+        self.factors = LoraTaskVector.from_peft_folder(folder).factors
+        for name, (b, a, _) in self.factors.items():
+            if name not in base_layout:
+                raise ValueError(f"tensor {name}: adapted by {folder} but not in the base model")
+            if base_layout[name][2] != [b.shape[0], a.shape[1]]:
+                raise ValueError(f"tensor {name}: shape {tuple(base_layout[name][2])} in the base but "
+                                 f"the adapter {folder} updates shape {(b.shape[0], a.shape[1])}")
+            for part, t in (("lora_B", b), ("lora_A", a)):
+                if not all_finite(t):
+                    raise ValueError(f"tensor {name}: {part} in {folder} holds NaN or inf")
+
+    def __call__(self, name: str) -> torch.Tensor | None:
+        if name not in self.factors:
+            return None
+        b, a, scale = self.factors[name]
+        return scale * (b @ a)
 
 
 METHOD = LoraMethod()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from typing import Annotated, ClassVar, Literal, Union
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -28,7 +29,9 @@ from safetensors.torch import load_file
 
 from pydantic import Field, model_validator
 
+from workbench.io import ShardReader, all_finite, model_layout
 from workbench.sections import Strict
+from workbench.task_vector import DenseTaskVector, check_same_space, check_weight
 
 from .lora import PEFT_TASK_TYPES, PeftSaved, save_peft_folder
 
@@ -105,8 +108,6 @@ class RoadMethod(PeftSaved):
         return load(model, folder, trainable)
 
     def delta_reader(self, folder: Path, layout: dict, stack):
-        from merge.dense import RoadDelta
-
         return RoadDelta(folder, layout, stack)
 
     def attach(self, model: torch.nn.Module, spec: RoadSpec, task: str = "causal-lm",
@@ -265,14 +266,11 @@ class RoadTaskVector:
 
     def __add__(self, other: "RoadTaskVector") -> "RoadTaskVector":
         if not isinstance(other, RoadTaskVector):
-            from merge.task_vectors import check_same_space
-
             check_same_space(self, other)
         return self.compose(other)
 
     def __mul__(self, weight: float) -> "RoadTaskVector":
         """Rotation by w·θ with scale α^w (road_1 only; α > 0 unless w = 1)."""
-        from merge.task_vectors import check_weight
 
         weight = check_weight(weight)
         if self.variant != "road_1":
@@ -308,8 +306,6 @@ class RoadTaskVector:
         for its bias, read from the base's safetensors (a `merge.task_vectors.DenseTaskVector`)."""
         from safetensors import safe_open
 
-        from merge.task_vectors import DenseTaskVector
-        from workbench.io import model_layout
 
         layout = model_layout(Path(base_folder))
         deltas = {}
@@ -340,6 +336,41 @@ class RoadTaskVector:
         with atomic_folder(Path(folder)) as tmp:
             (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
             save_file(tensors, tmp / "adapter_model.safetensors")
+
+
+class RoadDelta:
+    """τ = (R − I)·W for every weight a RoAd adapter rotates and (R − I)·b for its bias; None
+    elsewhere. `source` is an adapter folder or a `RoadTaskVector` (e.g. a composition)."""
+
+    fresh = True  # each call returns a new tensor (see merge.streaming._merged_tensor)
+
+    def __init__(self, source, base_layout: dict, stack: ExitStack | None = None):
+        self.vector = source if isinstance(source, RoadTaskVector) else \
+            RoadTaskVector.from_peft_folder(Path(source))
+        where = source if not isinstance(source, RoadTaskVector) else "the RoAd vector"
+        self.layers: dict[str, str] = {}  # base tensor name → adapter layer key
+        for layer in self.vector.theta:
+            for part, values in (("road_theta", self.vector.theta[layer]),
+                                 ("road_alpha", self.vector.alpha.get(layer))):
+                if values is None:
+                    raise ValueError(f"{where}: {layer} has road_theta but no road_alpha")
+                if not all_finite(values):
+                    raise ValueError(f"tensor {layer}.{part} in {where} holds NaN or inf")
+            name = weight_name(layer) + ".weight"
+            if name not in base_layout:
+                raise ValueError(f"tensor {name}: rotated by {where} but not in the base model")
+            self.layers[name] = layer
+            if weight_name(layer) + ".bias" in base_layout:
+                self.layers[weight_name(layer) + ".bias"] = layer
+        self._base = ShardReader(base_layout)
+        if stack is not None:
+            stack.callback(self._base.close)
+
+    def __call__(self, name: str) -> torch.Tensor | None:
+        layer = self.layers.get(name)
+        if layer is None:
+            return None
+        return self.vector.dense_delta(layer, self._base(name))
 
 
 METHOD = RoadMethod()

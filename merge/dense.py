@@ -38,117 +38,13 @@ from pathlib import Path
 
 import torch
 
-from workbench.io import FLOAT_DTYPES, all_finite, model_layout
+from adapters.full import FullModelDelta  # noqa: F401 - each method's dense reader, used below
+from adapters.lora import LoraDelta  # noqa: F401
+from adapters.road import RoadDelta
+from workbench.io import FLOAT_DTYPES, ShardReader, all_finite, model_layout
 
 from .methods import check_parameters, merge_tensors
-from .streaming import (DeltaReader, ShardReader, check_adapter_format, lora_concat_adapter,
-                        merge_lora_into_base, row_blocks)
-from .task_vectors import LoraTaskVector
-
-
-class FullModelDelta:
-    """τ[name] = θ_model[name] − θ_base[name] in float32, read lazily; checked against the base first.
-
-    A non-finite value stops the merge with the tensor and the file named. At most one shard of
-    each of the two models is open at a time (`ShardReader`); `stack` closes them at its end.
-    """
-
-    fresh = True  # each call returns a new tensor (see merge.streaming._merged_tensor)
-    by_rows = True  # may be called as (name, (start, stop)) for a block of rows
-
-    def __init__(self, folder: Path, base_layout: dict, stack: ExitStack | None = None):
-        self.folder, self.base_layout = Path(folder), base_layout
-        self.layout = model_layout(self.folder)
-        for name, (_, _, shape, _) in base_layout.items():
-            if name not in self.layout:
-                raise ValueError(f"tensor {name}: in the base but not in {self.folder}")
-            if self.layout[name][2] != shape:
-                raise ValueError(f"tensor {name}: shape {tuple(self.layout[name][2])} in {self.folder} "
-                                 f"but {tuple(shape)} in the base")
-        extra = sorted(set(self.layout) - set(base_layout))
-        if extra:
-            raise ValueError(f"tensor {extra[0]}: in {self.folder} but not in the base")
-        self._model, self._base = ShardReader(self.layout), ShardReader(base_layout)
-        if stack is not None:
-            stack.callback(self.close)
-
-    def __call__(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor | None:
-        if self.base_layout[name][1] not in FLOAT_DTYPES:
-            return None  # integer buffers are not merged
-        # the model's own tensor is released once converted (one float16 copy less at the peak)
-        delta = self._model(name, rows).to(torch.float32, copy=True).sub_(self._base(name, rows))
-        if not all_finite(delta):
-            from_model = not all_finite(self._model(name, rows).float())
-            where = self.layout[name][0] if from_model else self.base_layout[name][0]
-            raise ValueError(f"tensor {name}: NaN or inf in {where}")
-        return delta
-
-    def close(self) -> None:
-        self._model.close()
-        self._base.close()
-
-
-class LoraDelta:
-    """τ[name] = s·B·A for the weights a LoRA adapter adapts, None elsewhere."""
-
-    fresh = True  # each call returns a new tensor (see merge.streaming._merged_tensor)
-
-    def __init__(self, folder: Path, base_layout: dict):
-        folder = Path(folder)
-        check_adapter_format(folder)
-        self.factors = LoraTaskVector.from_peft_folder(folder).factors
-        for name, (b, a, _) in self.factors.items():
-            if name not in base_layout:
-                raise ValueError(f"tensor {name}: adapted by {folder} but not in the base model")
-            if base_layout[name][2] != [b.shape[0], a.shape[1]]:
-                raise ValueError(f"tensor {name}: shape {tuple(base_layout[name][2])} in the base but "
-                                 f"the adapter {folder} updates shape {(b.shape[0], a.shape[1])}")
-            for part, t in (("lora_B", b), ("lora_A", a)):
-                if not all_finite(t):
-                    raise ValueError(f"tensor {name}: {part} in {folder} holds NaN or inf")
-
-    def __call__(self, name: str) -> torch.Tensor | None:
-        if name not in self.factors:
-            return None
-        b, a, scale = self.factors[name]
-        return scale * (b @ a)
-
-
-class RoadDelta:
-    """τ = (R − I)·W for every weight a RoAd adapter rotates and (R − I)·b for its bias; None
-    elsewhere. `source` is an adapter folder or a `RoadTaskVector` (e.g. a composition)."""
-
-    fresh = True  # each call returns a new tensor (see merge.streaming._merged_tensor)
-
-    def __init__(self, source, base_layout: dict, stack: ExitStack | None = None):
-        from adapters.road import RoadTaskVector, weight_name
-
-        self.vector = source if isinstance(source, RoadTaskVector) else \
-            RoadTaskVector.from_peft_folder(Path(source))
-        where = source if not isinstance(source, RoadTaskVector) else "the RoAd vector"
-        self.layers: dict[str, str] = {}  # base tensor name → adapter layer key
-        for layer in self.vector.theta:
-            for part, values in (("road_theta", self.vector.theta[layer]),
-                                 ("road_alpha", self.vector.alpha.get(layer))):
-                if values is None:
-                    raise ValueError(f"{where}: {layer} has road_theta but no road_alpha")
-                if not all_finite(values):
-                    raise ValueError(f"tensor {layer}.{part} in {where} holds NaN or inf")
-            name = weight_name(layer) + ".weight"
-            if name not in base_layout:
-                raise ValueError(f"tensor {name}: rotated by {where} but not in the base model")
-            self.layers[name] = layer
-            if weight_name(layer) + ".bias" in base_layout:
-                self.layers[weight_name(layer) + ".bias"] = layer
-        self._base = ShardReader(base_layout)
-        if stack is not None:
-            stack.callback(self._base.close)
-
-    def __call__(self, name: str) -> torch.Tensor | None:
-        layer = self.layers.get(name)
-        if layer is None:
-            return None
-        return self.vector.dense_delta(layer, self._base(name))
+from .streaming import DeltaReader, lora_concat_adapter, merge_lora_into_base, row_blocks
 
 
 class VectorDelta:

@@ -32,22 +32,20 @@ import ctypes
 import functools
 import json
 import math
-import os
 import platform
 import shutil
 import sys
-import weakref
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from workbench.io import (FLOAT_DTYPES, all_finite, atomic_folder, model_layout, peft_adapter_header,
-                          safetensors_dtypes, safetensors_header, write_sharded)
+from adapters.lora import check_adapter_format
+from workbench.io import (FLOAT_DTYPES, ShardReader, all_finite, atomic_folder, model_layout,  # noqa: F401
+                          write_sharded)
+from workbench.task_vector import LoraTaskVector
 
-from .task_vectors import LoraTaskVector
 
 COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json", "chat_template.jinja", "tokenizer.model",
@@ -105,80 +103,6 @@ def merged_tensors(base_folder: Path, adapters: list[tuple[Path, float]],
 # Pre-flight
 
 
-class ShardReader:
-    """Tensors of one model by name (`model_layout`), each read with one positioned read into its
-    own buffer.
-
-    Not memory-mapped on purpose: the pages of a mapped safetensors file count towards the
-    process's resident memory for as long as the file stays mapped, so a merge streaming several
-    models would hold their shards resident; here only the tensors still alive do. One file is
-    open at a time (reads follow storage order). Dtypes torch has no plain equivalent for (FP8,
-    ...) fall back to safetensors' own reader.
-
-    Readers share what they read: while a tensor read by any reader is still alive, reading the
-    same tensor of the same unchanged file (path, inode, size and modification time) returns it
-    again instead of reading it twice. A merge streams the base and its task vectors subtract the
-    base from every input, so the base is read once instead of once per input. The memo holds
-    weak references only: it never keeps a tensor alive. Tensors handed out are therefore shared
-    and must not be modified in place.
-    """
-
-    _alive: "weakref.WeakValueDictionary[tuple, torch.Tensor]" = weakref.WeakValueDictionary()
-
-    def __init__(self, layout: dict):
-        self.layout = layout
-        self._starts: dict[Path, int] = {}  # shard → where its data buffer begins
-        self._offsets: dict[Path, dict] = {}
-        self._identity: dict[Path, tuple] = {}  # shard → (path, inode, size, mtime), for the memo
-        self._path: Path | None = None
-        self._file = None
-
-    def _open(self, path: Path):
-        if path != self._path:
-            self.close()
-            self._file, self._path = open(path, "rb"), path
-            if path not in self._offsets:
-                header, self._starts[path] = safetensors_header(path)
-                self._offsets[path] = {k: v["data_offsets"][0] for k, v in header.items()
-                                       if k != "__metadata__"}
-            stat = os.fstat(self._file.fileno())
-            self._identity[path] = (str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
-        return self._file
-
-    def __call__(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """The tensor `name`, or only its rows [start, stop) along dim 0 (`rows`), which lie
-        contiguously in the file."""
-        path, dtype, shape, nbytes = self.layout[name]
-        dtypes = safetensors_dtypes()
-        if dtype not in dtypes or sys.byteorder != "little":
-            with safe_open(path, framework="pt") as f:
-                tensor = f.get_tensor(name)
-            return tensor if rows is None else tensor[rows[0]:rows[1]]
-        f = self._open(path)
-        key = (*self._identity[path], name, rows)
-        tensor = self._alive.get(key)
-        if tensor is not None:
-            return tensor
-        skip = 0
-        if rows is not None:
-            row_bytes = nbytes // shape[0] if shape and shape[0] else 0
-            skip, nbytes = rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes
-            shape = [rows[1] - rows[0], *shape[1:]]
-        raw = torch.empty(nbytes, dtype=torch.uint8)
-        if nbytes:
-            f.seek(self._starts[path] + self._offsets[path][name] + skip)
-            if f.readinto(memoryview(raw.numpy())) != nbytes:
-                raise OSError(f"{path}: tensor {name} is truncated")
-        tensor = raw.view(dtypes[dtype]).reshape(shape)
-        self._alive[key] = tensor
-        return tensor
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-        self._path = self._file = None
-
-
 def _load_adapters(adapters: list[tuple[Path, float]],
                    layout: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """name → (B, A) stacked over the adapters that update the weight: B = [c₁B₁ | c₂B₂ | …] and
@@ -210,25 +134,6 @@ def _load_adapters(adapters: list[tuple[Path, float]],
     return {name: (torch.cat([b.float() * c for b, _, c in parts], dim=1),
                    torch.cat([a.float() for _, a, _ in parts], dim=0))
             for name, parts in updates.items()}
-
-
-def check_adapter_format(folder: Path) -> None:
-    """A PEFT LoRA adapter this merge folds in exactly: plain LoRA of linear layers (no DoRA, no
-    fan_in_fan_out, nothing but lora_A/lora_B pairs); ValueError or FileNotFoundError if not."""
-    header = peft_adapter_header(folder)
-    config = json.loads((folder / "adapter_config.json").read_text())
-    if config.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{folder}: a {config['peft_type']} adapter, only LoRA can be merged here")
-    if config.get("use_dora"):
-        raise ValueError(f"{folder}: DoRA adapters are not supported by this merge")
-    if config.get("fan_in_fan_out"):
-        raise ValueError(f"{folder}: fan_in_fan_out adapters are not supported by this merge")
-    # Anything besides lora_A/lora_B pairs (embedding LoRA, DoRA magnitudes, trained biases,
-    # fully trained modules) cannot be folded into W + s·B·A: refused rather than dropped.
-    for key in header:
-        if key != "__metadata__" and ".lora_A." not in key and ".lora_B." not in key:
-            raise ValueError(f"{folder}: tensor {key} cannot be merged by this merge "
-                             "(only lora_A/lora_B pairs of linear layers can)")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,17 +13,6 @@ ORCHESTRATION = {"workbench.recipes", "workbench.stages", "workbench.cli", "work
                  "workbench.base", "workbench.demo", "workbench.exporting", "workbench.__main__"}
 METHOD_PACKAGES = ("adapters", "merge", "quant")
 
-# Import cycles still being taken apart, each with what closes it. The test fails on any other
-# cycle, and on any of these once it is gone (so the list only shrinks).
-KNOWN_CYCLES = {
-    # adapters' task vectors and dense readers still lean on merge's readers and vector algebra;
-    # closes when DenseTaskVector/LoraTaskVector and the shard readers move to the methods and
-    # the foundation's io module
-    frozenset({"adapters.lora", "adapters.mixda", "adapters.prompt", "adapters.road",
-               "merge.dense", "merge.preflight", "merge.streaming", "merge.task_vectors"}),
-}
-
-
 def layer(module: str) -> str:
     if module.startswith("workbench.ui") or module in ORCHESTRATION:
         return "orchestration"
@@ -103,10 +92,8 @@ def cycles(edges: dict[str, set[str]]) -> list[frozenset[str]]:
     return found
 
 
-def test_no_import_cycles_but_the_known_ones():
-    found = set(cycles(graph()))
-    assert found - KNOWN_CYCLES == set(), f"new import cycles: {[sorted(c) for c in found - KNOWN_CYCLES]}"
-    assert KNOWN_CYCLES - found == set(), "a known cycle is gone: remove it from KNOWN_CYCLES"
+def test_no_import_cycles():
+    assert [sorted(c) for c in cycles(graph())] == []
 
 
 def test_the_foundation_imports_no_method_and_methods_no_orchestration():

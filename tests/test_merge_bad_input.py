@@ -82,15 +82,14 @@ def no_weight_reads(monkeypatch):
     import adapters.mixda
     import adapters.prompt
     import adapters.road
-    import merge.streaming
-    import merge.task_vectors
+    import workbench.io
+    import workbench.task_vector
 
     def refuse(*args, **kwargs):
         raise AssertionError(f"a weight was read before the pre-flight checks: {args[:1]}")
 
-    monkeypatch.setattr(merge.streaming, "safe_open", refuse)
-    monkeypatch.setattr(merge.streaming.ShardReader, "__call__", refuse)
-    monkeypatch.setattr(merge.task_vectors, "safe_open", refuse)
+    monkeypatch.setattr(workbench.io.ShardReader, "__call__", refuse)
+    monkeypatch.setattr(workbench.task_vector, "safe_open", refuse)
     for module in (adapters.road, adapters.prompt, adapters.mixda):
         monkeypatch.setattr(module, "load_file", refuse)
 

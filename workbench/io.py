@@ -28,7 +28,9 @@ import os
 import queue
 import shutil
 import struct
+import sys
 import threading
+import weakref
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
@@ -445,3 +447,80 @@ def nonfinite_counts(named_tensors: Iterable[tuple[str, "torch.Tensor"]]) -> lis
     """(name, count of NaN / inf values) for each floating-point tensor that holds any."""
     return [(name, int((~tensor.isfinite()).sum())) for name, tensor in named_tensors
             if not all_finite(tensor)]
+
+
+class ShardReader:
+    """Tensors of one model by name (`model_layout`), each read with one positioned read into its
+    own buffer.
+
+    Not memory-mapped on purpose: the pages of a mapped safetensors file count towards the
+    process's resident memory for as long as the file stays mapped, so a merge streaming several
+    models would hold their shards resident; here only the tensors still alive do. One file is
+    open at a time (reads follow storage order). Dtypes torch has no plain equivalent for (FP8,
+    ...) fall back to safetensors' own reader.
+
+    Readers share what they read: while a tensor read by any reader is still alive, reading the
+    same tensor of the same unchanged file (path, inode, size and modification time) returns it
+    again instead of reading it twice. A merge streams the base and its task vectors subtract the
+    base from every input, so the base is read once instead of once per input. The memo holds
+    weak references only: it never keeps a tensor alive. Tensors handed out are therefore shared
+    and must not be modified in place.
+    """
+
+    _alive: "weakref.WeakValueDictionary[tuple, torch.Tensor]" = weakref.WeakValueDictionary()
+
+    def __init__(self, layout: dict):
+        self.layout = layout
+        self._starts: dict[Path, int] = {}  # shard → where its data buffer begins
+        self._offsets: dict[Path, dict] = {}
+        self._identity: dict[Path, tuple] = {}  # shard → (path, inode, size, mtime), for the memo
+        self._path: Path | None = None
+        self._file = None
+
+    def _open(self, path: Path):
+        if path != self._path:
+            self.close()
+            self._file, self._path = open(path, "rb"), path
+            if path not in self._offsets:
+                header, self._starts[path] = safetensors_header(path)
+                self._offsets[path] = {k: v["data_offsets"][0] for k, v in header.items()
+                                       if k != "__metadata__"}
+            stat = os.fstat(self._file.fileno())
+            self._identity[path] = (str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        return self._file
+
+    def __call__(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The tensor `name`, or only its rows [start, stop) along dim 0 (`rows`), which lie
+        contiguously in the file."""
+        import torch
+        from safetensors import safe_open
+
+        path, dtype, shape, nbytes = self.layout[name]
+        dtypes = safetensors_dtypes()
+        if dtype not in dtypes or sys.byteorder != "little":
+            with safe_open(path, framework="pt") as f:
+                tensor = f.get_tensor(name)
+            return tensor if rows is None else tensor[rows[0]:rows[1]]
+        f = self._open(path)
+        key = (*self._identity[path], name, rows)
+        tensor = self._alive.get(key)
+        if tensor is not None:
+            return tensor
+        skip = 0
+        if rows is not None:
+            row_bytes = nbytes // shape[0] if shape and shape[0] else 0
+            skip, nbytes = rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes
+            shape = [rows[1] - rows[0], *shape[1:]]
+        raw = torch.empty(nbytes, dtype=torch.uint8)
+        if nbytes:
+            f.seek(self._starts[path] + self._offsets[path][name] + skip)
+            if f.readinto(memoryview(raw.numpy())) != nbytes:
+                raise OSError(f"{path}: tensor {name} is truncated")
+        tensor = raw.view(dtypes[dtype]).reshape(shape)
+        self._alive[key] = tensor
+        return tensor
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        self._path = self._file = None

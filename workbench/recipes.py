@@ -21,7 +21,7 @@ from pydantic.fields import FieldInfo
 from quant.spec import QuantizeRecipe
 
 from . import methods, resolver
-from .sections import (DataRef, DataSpec, EvalSpec, ModelRef, ModelSpec, RegularizerSpec, Strict, TrainSpec,
+from .sections import (DataSpec, EvalSpec, ModelRef, ModelSpec, RegularizerSpec, Strict, TrainSpec,
                        WorldSpec, recipe_to_yaml)
 from .yamlio import YamlRefused, load_yaml, read_yaml_file
 

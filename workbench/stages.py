@@ -7,7 +7,6 @@ last checkpoint with the recipe stored in its folder.
 from __future__ import annotations
 
 import json
-import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -24,10 +23,10 @@ from .evaluate import (classifier_metrics, classifier_report, embedding_cosine, 
                        format_classifier_report, format_report, gain_forgetting, masked_lm_metrics)
 from .io import model_layout, write_atomic, write_json
 from .methods import get_method
-from .models import (ModelLoadError, ModelSource, is_encoder, load_model, max_sequence_length,
+from .models import (ModelLoadError, ModelSource, is_encoder, load_model,
                      recorded_base, resolve_local_source, resolve_source)
 from .recipes import (EvalRecipe, MergekitRecipe, MergeRecipe, ModelSpec, PipelineRecipe,
-                      TrainRecipe, TrainSpec, load_recipe, recipe_to_yaml)
+                      TrainRecipe, load_recipe, recipe_to_yaml)
 from .stage_support import broadcast_from_main, check_seq_len, run_parents, say, total_steps
 from .workspace import Run, Workspace
 
