@@ -30,6 +30,21 @@ class FullMethod:
     label = "full model"
     config_files = ("config.json",)
 
+
+    def check_against_base(self, folder: Path, base_layout: dict, base_folder: Path) -> None:
+        """Every tensor the folder touches exists in the base (`model_layout`) with a fitting
+        shape, read from configs and safetensors headers only (the merge's pre-flight)."""
+        layout = model_layout(folder)
+        for name, (_, dtype, shape, _) in base_layout.items():
+            if name not in layout:
+                raise ValueError(f"tensor {name}: in the base but not in {folder}")
+            if layout[name][2] != shape:
+                raise ValueError(f"tensor {name}: shape {tuple(layout[name][2])} in {folder} "
+                                 f"but {tuple(shape)} in the base")
+        extra = sorted(set(layout) - set(base_layout))
+        if extra:
+            raise ValueError(f"tensor {extra[0]}: in {folder} but not in the base")
+
     def detect(self, folder: Path) -> bool:
         """A Hugging Face model folder (config.json) that is no adapter folder."""
         return (Path(folder) / "config.json").is_file() and not is_adapter_folder(folder)

@@ -14,7 +14,7 @@ from typing import Literal, Union
 import torch
 from pydantic import Field
 
-from workbench.io import all_finite, peft_adapter_header
+from workbench.io import all_finite, base_shape, peft_adapter_header, tensor_header
 from workbench.sections import Strict
 from workbench.task_vector import LoraTaskVector
 
@@ -78,6 +78,25 @@ class LoraMethod(PeftSaved):
     spec = LoraSpec
     label = "LoRA adapter"
     peft_type = "LORA"
+
+
+    def check_against_base(self, folder: Path, base_layout: dict, base_folder: Path) -> None:
+        """Every tensor the folder touches exists in the base (`model_layout`) with a fitting
+        shape, read from configs and safetensors headers only (the merge's pre-flight)."""
+        check_adapter_format(folder)
+        header = tensor_header(folder / "adapter_model.safetensors")
+        for key, entry in header.items():
+            if ".lora_A." not in key:
+                continue
+            b_key = key.replace(".lora_A.", ".lora_B.")
+            if b_key not in header:
+                raise ValueError(f"{folder}: {key} has no matching lora_B tensor")
+            (r, n_in), (n_out, r_b) = entry["shape"], header[b_key]["shape"]
+            name = key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
+            shape = base_shape(base_layout, name, folder, "adapted by")
+            if r != r_b or shape != [n_out, n_in]:
+                raise ValueError(f"tensor {name}: shape {tuple(shape)} in the base but the adapter "
+                                 f"{folder} updates shape {(n_out, n_in)} (rank {r}/{r_b})")
 
     def attach(self, model: torch.nn.Module, spec: LoraSpec, task: str = "causal-lm",
                gradient_checkpointing: bool = False, locate=None) -> torch.nn.Module:

@@ -51,7 +51,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from workbench.data import IGNORE
-from workbench.io import atomic_folder
+from workbench.io import atomic_folder, read_json_object, tensor_header
 from workbench.sections import ModelRef, Strict
 
 from .lora import PEFT_TASK_TYPES, LoraSpec, save_peft_folder
@@ -387,6 +387,19 @@ class MixdaMethod:
     spec = MixdaSpec
     label = "MixDA folder"
     config_files = (CONFIG_FILE,)
+
+
+    def check_against_base(self, folder: Path, base_layout: dict, base_folder: Path) -> None:
+        """Every tensor the folder touches exists in the base (`model_layout`) with a fitting
+        shape, read from configs and safetensors headers only (the merge's pre-flight)."""
+        config = read_json_object(folder / "mixda_config.json")
+        base_path = Path(base_folder) / "config.json"
+        base = read_json_object(base_path) if base_path.is_file() else {}
+        for key in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers"):
+            if key in base and config.get(key) != base[key]:
+                raise ValueError(f"{folder / 'mixda_config.json'}: {key} {config.get(key)!r}, but "
+                                 f"the base {base_path} has {base[key]!r}")
+        tensor_header(folder / "mixda.safetensors")
 
     def detect(self, folder: Path) -> bool:
         return (Path(folder) / CONFIG_FILE).is_file()

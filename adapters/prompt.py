@@ -29,6 +29,7 @@ from pydantic import Field
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from workbench.io import read_json_object, tensor_header
 from workbench.models import embedding_fingerprint
 from workbench.sections import DataRef, ModelRef, Strict
 
@@ -232,6 +233,27 @@ class PromptMethod(PeftSaved):
     spec = PromptSpec
     label = "task prompt vector"
     peft_type = "PROMPT_TUNING"
+
+
+    def check_against_base(self, folder: Path, base_layout: dict, base_folder: Path) -> None:
+        """Every tensor the folder touches exists in the base (`model_layout`) with a fitting
+        shape, read from configs and safetensors headers only (the merge's pre-flight)."""
+        tuned = tensor_header(folder / "adapter_model.safetensors")
+        if not (folder / INIT_FILE).is_file():
+            raise ValueError(f"{folder}: no {INIT_FILE}; not a task prompt vector (a PEFT "
+                             "prompt-tuning folder alone does not keep its initial prompt)")
+        init = tensor_header(folder / INIT_FILE)
+        if PROMPT_KEY not in tuned or "prompt_init" not in init:
+            raise ValueError(f"{folder}: adapter_model.safetensors needs {PROMPT_KEY} and "
+                             f"{INIT_FILE} needs prompt_init")
+        if tuned[PROMPT_KEY]["shape"] != init["prompt_init"]["shape"]:
+            raise ValueError(f"{folder}: tensor {PROMPT_KEY} has shape {tuple(tuned[PROMPT_KEY]['shape'])} "
+                             f"but prompt_init {tuple(init['prompt_init']['shape'])}")
+        config = Path(base_folder) / "config.json"
+        hidden = read_json_object(config).get("hidden_size") if config.is_file() else None
+        if hidden is not None and tuned[PROMPT_KEY]["shape"][1] != hidden:
+            raise ValueError(f"{folder}: tensor {PROMPT_KEY} has width {tuned[PROMPT_KEY]['shape'][1]}, "
+                             f"but the base's hidden_size is {hidden}")
 
     def load(self, model: torch.nn.Module, folder: Path, trainable: bool = False) -> torch.nn.Module:
         return load(model, folder, trainable)

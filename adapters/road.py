@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 
 from pydantic import Field, model_validator
 
-from workbench.io import ShardReader, all_finite, model_layout
+from workbench.io import ShardReader, all_finite, base_shape, model_layout, read_json_object, tensor_header
 from workbench.sections import Strict
 from workbench.task_vector import DenseTaskVector, check_same_space, check_weight
 
@@ -103,6 +103,29 @@ class RoadMethod(PeftSaved):
     spec = RoadSpec
     label = "RoAd adapter"
     peft_type = "ROAD"
+
+
+    def check_against_base(self, folder: Path, base_layout: dict, base_folder: Path) -> None:
+        """Every tensor the folder touches exists in the base (`model_layout`) with a fitting
+        shape, read from configs and safetensors headers only (the merge's pre-flight)."""
+        config = read_json_object(Path(folder) / "adapter_config.json")
+        variant, group_size = config.get("variant"), config.get("group_size")
+        per_out = {"road_1": 0.5, "road_2": 1, "road_4": 2}
+        if variant not in per_out or not isinstance(group_size, int) or group_size < 2 or group_size % 2:
+            raise ValueError(f"{folder / 'adapter_config.json'}: variant {variant!r} with group_size "
+                             f"{group_size!r} is not a RoAd configuration")
+        header = tensor_header(folder / "adapter_model.safetensors")
+        for key, entry in header.items():
+            layer, _, part = key.rpartition(".")
+            if part not in ("road_theta", "road_alpha"):
+                raise ValueError(f"{folder}: tensor {key} is not a RoAd rotation parameter; only "
+                                 "rotations can be merged")
+            name = layer.removeprefix("base_model.model.") + ".weight"
+            shape = base_shape(base_layout, name, folder, "rotated by")
+            if shape[0] % group_size or entry["shape"] != [int(shape[0] * per_out[variant])]:
+                raise ValueError(f"tensor {name}: {shape[0]} outputs in the base, but {key} in "
+                                 f"{folder} has shape {tuple(entry['shape'])} ({variant}, "
+                                 f"group_size {group_size})")
 
     def load(self, model: torch.nn.Module, folder: Path, trainable: bool = False) -> torch.nn.Module:
         return load(model, folder, trainable)

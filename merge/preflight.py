@@ -22,8 +22,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from workbench.methods import adapter_config_files, described, method_of_folder, methods
-from workbench.models import read_safetensors_header
+from workbench.methods import adapter_config_files, described, get_method, method_of_folder, methods
+from workbench.io import read_json_object, read_safetensors_header, tensor_header
 
 
 def _tokenizer_identity(folder: Path) -> tuple | None:
@@ -64,16 +64,6 @@ ARCHITECTURE_KEYS = ("model_type", "architectures", "hidden_size", "intermediate
                      "vocab_size", "tie_word_embeddings")
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: unreadable ({type(err).__name__}: {err})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: not a JSON object")
-    return data
-
-
 def input_kind(folder: Path) -> str:
     """What a merge input folder holds: the name of the registered method that saved it
     (`workbench.methods.method_of_folder`, from its config files only)."""
@@ -83,7 +73,7 @@ def input_kind(folder: Path) -> str:
         return method.name
     config_path = folder / "adapter_config.json"
     if config_path.is_file():
-        peft_type = _read_json(config_path).get("peft_type")
+        peft_type = read_json_object(config_path).get("peft_type")
         known = ", ".join(m.label for m in methods().values())
         raise ValueError(f"{config_path}: a {peft_type} adapter cannot be merged (mergeable: {known})")
     raise FileNotFoundError(f"{folder}: neither a model folder (config.json) nor an adapter "
@@ -92,7 +82,7 @@ def input_kind(folder: Path) -> str:
 
 def road_variant(folder: Path) -> tuple[str, int]:
     """(variant, group_size) of a RoAd adapter folder."""
-    config = _read_json(Path(folder) / "adapter_config.json")
+    config = read_json_object(Path(folder) / "adapter_config.json")
     return config.get("variant"), config.get("group_size")
 
 
@@ -158,13 +148,13 @@ def check_architectures(base_folder: Path, folders: list) -> None:
     base_path = base_folder / "config.json"
     if not base_path.is_file():
         return
-    base = _read_json(base_path)
+    base = read_json_object(base_path)
     for folder in folders:
         if folder is None or not (Path(folder) / "config.json").is_file() or \
                 Path(folder).resolve() == base_folder.resolve():
             continue
         path = Path(folder) / "config.json"
-        config = _read_json(path)
+        config = read_json_object(path)
         for key in ARCHITECTURE_KEYS:
             if key in base and key in config and base[key] != config[key]:
                 raise ValueError(f"{path}: {key} {config[key]!r}, but the base {base_path} has "
@@ -172,100 +162,12 @@ def check_architectures(base_folder: Path, folders: list) -> None:
                                  "architecture (adapters trained on a different base?)")
 
 
-def _header(path: Path) -> dict:
-    """A safetensors header without its metadata; FileNotFoundError naming the file if absent."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: file not found")
-    return {k: v for k, v in read_safetensors_header(path).items() if k != "__metadata__"}
-
-
-def _base_shape(base_layout: dict, name: str, folder: Path, what: str) -> list[int]:
-    if name not in base_layout:
-        raise ValueError(f"tensor {name}: {what} {folder} but not in the base model")
-    return base_layout[name][2]
-
-
 def check_input_tensors(base_layout: dict, base_folder: Path, kind: str, folder: Path) -> None:
-    """Every tensor `folder` touches exists in the base (`model_layout`) with a fitting shape."""
-    from .streaming import check_adapter_format, model_layout
-
-    folder = Path(folder)
-    if kind == "full":
-        layout = model_layout(folder)
-        for name, (_, dtype, shape, _) in base_layout.items():
-            if name not in layout:
-                raise ValueError(f"tensor {name}: in the base but not in {folder}")
-            if layout[name][2] != shape:
-                raise ValueError(f"tensor {name}: shape {tuple(layout[name][2])} in {folder} "
-                                 f"but {tuple(shape)} in the base")
-        extra = sorted(set(layout) - set(base_layout))
-        if extra:
-            raise ValueError(f"tensor {extra[0]}: in {folder} but not in the base")
-    elif kind == "lora":
-        check_adapter_format(folder)
-        header = _header(folder / "adapter_model.safetensors")
-        for key, entry in header.items():
-            if ".lora_A." not in key:
-                continue
-            b_key = key.replace(".lora_A.", ".lora_B.")
-            if b_key not in header:
-                raise ValueError(f"{folder}: {key} has no matching lora_B tensor")
-            (r, n_in), (n_out, r_b) = entry["shape"], header[b_key]["shape"]
-            name = key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
-            shape = _base_shape(base_layout, name, folder, "adapted by")
-            if r != r_b or shape != [n_out, n_in]:
-                raise ValueError(f"tensor {name}: shape {tuple(shape)} in the base but the adapter "
-                                 f"{folder} updates shape {(n_out, n_in)} (rank {r}/{r_b})")
-    elif kind == "road":
-        variant, group_size = road_variant(folder)
-        per_out = {"road_1": 0.5, "road_2": 1, "road_4": 2}
-        if variant not in per_out or not isinstance(group_size, int) or group_size < 2 or group_size % 2:
-            raise ValueError(f"{folder / 'adapter_config.json'}: variant {variant!r} with group_size "
-                             f"{group_size!r} is not a RoAd configuration")
-        header = _header(folder / "adapter_model.safetensors")
-        for key, entry in header.items():
-            layer, _, part = key.rpartition(".")
-            if part not in ("road_theta", "road_alpha"):
-                raise ValueError(f"{folder}: tensor {key} is not a RoAd rotation parameter; only "
-                                 "rotations can be merged")
-            name = layer.removeprefix("base_model.model.") + ".weight"
-            shape = _base_shape(base_layout, name, folder, "rotated by")
-            if shape[0] % group_size or entry["shape"] != [int(shape[0] * per_out[variant])]:
-                raise ValueError(f"tensor {name}: {shape[0]} outputs in the base, but {key} in "
-                                 f"{folder} has shape {tuple(entry['shape'])} ({variant}, "
-                                 f"group_size {group_size})")
-    elif kind == "prompt":
-        from adapters.prompt import INIT_FILE, PROMPT_KEY
-
-        tuned = _header(folder / "adapter_model.safetensors")
-        if not (folder / INIT_FILE).is_file():
-            raise ValueError(f"{folder}: no {INIT_FILE}; not a task prompt vector (a PEFT "
-                             "prompt-tuning folder alone does not keep its initial prompt)")
-        init = _header(folder / INIT_FILE)
-        if PROMPT_KEY not in tuned or "prompt_init" not in init:
-            raise ValueError(f"{folder}: adapter_model.safetensors needs {PROMPT_KEY} and "
-                             f"{INIT_FILE} needs prompt_init")
-        if tuned[PROMPT_KEY]["shape"] != init["prompt_init"]["shape"]:
-            raise ValueError(f"{folder}: tensor {PROMPT_KEY} has shape {tuple(tuned[PROMPT_KEY]['shape'])} "
-                             f"but prompt_init {tuple(init['prompt_init']['shape'])}")
-        hidden = _base_hidden_size(base_folder)
-        if hidden is not None and tuned[PROMPT_KEY]["shape"][1] != hidden:
-            raise ValueError(f"{folder}: tensor {PROMPT_KEY} has width {tuned[PROMPT_KEY]['shape'][1]}, "
-                             f"but the base's hidden_size is {hidden}")
-    elif kind == "mixda":
-        config = _read_json(folder / "mixda_config.json")
-        base_path = Path(base_folder) / "config.json"
-        base = _read_json(base_path) if base_path.is_file() else {}
-        for key in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers"):
-            if key in base and config.get(key) != base[key]:
-                raise ValueError(f"{folder / 'mixda_config.json'}: {key} {config.get(key)!r}, but "
-                                 f"the base {base_path} has {base[key]!r}")
-        _header(folder / "mixda.safetensors")
-
-
-def _base_hidden_size(base_folder: Path) -> int | None:
-    path = Path(base_folder) / "config.json"
-    return _read_json(path).get("hidden_size") if path.is_file() else None
+    """Every tensor `folder` touches exists in the base (`model_layout`) with a fitting shape: the
+    check of the method that saved the folder (`check_against_base`), from headers alone."""
+    check = getattr(get_method(kind), "check_against_base", None)
+    if check is not None:
+        check(Path(folder), base_layout, Path(base_folder))
 
 
 def check_same_kind_inputs(kind: str, folders: list[Path]) -> None:
@@ -276,7 +178,7 @@ def check_same_kind_inputs(kind: str, folders: list[Path]) -> None:
         from adapters.prompt import INIT_FILE
 
         metas = [read_safetensors_header(f / INIT_FILE).get("__metadata__", {}) for f in folders]
-        shapes = [_header(f / INIT_FILE)["prompt_init"]["shape"] for f in folders]
+        shapes = [tensor_header(f / INIT_FILE)["prompt_init"]["shape"] for f in folders]
         for folder, meta, shape in zip(folders[1:], metas[1:], shapes[1:]):
             for key in ("model", "init_seed"):
                 if meta.get(key) != metas[0].get(key):
@@ -287,8 +189,8 @@ def check_same_kind_inputs(kind: str, folders: list[Path]) -> None:
                 raise ValueError(f"{folder / INIT_FILE}: prompt_init of shape {tuple(shape)}, but "
                                  f"{folders[0] / INIT_FILE} has {tuple(shapes[0])}")
     if kind == "mixda" and folders:
-        configs = [_read_json(f / "mixda_config.json") for f in folders]
-        headers = [_header(f / "mixda.safetensors") for f in folders]
+        configs = [read_json_object(f / "mixda_config.json") for f in folders]
+        headers = [tensor_header(f / "mixda.safetensors") for f in folders]
         for folder, config in zip(folders, configs):
             if config.get("task_lora"):
                 raise ValueError(f"{folder}: a MixDA folder with a task LoRA (task_lora/); merge "

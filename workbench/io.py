@@ -221,6 +221,31 @@ def peft_adapter_header(folder: Path) -> dict:
     return read_safetensors_header(weights)
 
 
+def tensor_header(path: Path) -> dict:
+    """A safetensors header without its metadata; FileNotFoundError naming the file if absent."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    return {k: v for k, v in read_safetensors_header(path).items() if k != "__metadata__"}
+
+
+def base_shape(base_layout: dict, name: str, folder: Path, what: str) -> list[int]:
+    """The shape of base tensor `name`; ValueError when the base lacks what `folder` `what`s."""
+    if name not in base_layout:
+        raise ValueError(f"tensor {name}: {what} {folder} but not in the base model")
+    return base_layout[name][2]
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON object from a file; ValueError naming the file when unreadable or not an object."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: unreadable ({type(err).__name__}: {err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    return data
+
+
 def model_layout(folder: Path) -> dict[str, tuple[Path, str, list[int], int]]:
     """Every tensor of a model folder: (shard, safetensors dtype, shape, byte size), in storage order."""
     if not folder.is_dir():
