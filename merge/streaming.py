@@ -49,6 +49,7 @@ from safetensors.torch import save_file
 
 from workbench.export import atomic_folder
 from workbench.models import read_safetensors_header
+from workbench.progress import phase as progress_phase
 
 from .task_vectors import LoraTaskVector
 
@@ -361,11 +362,15 @@ def _write_shards(layout: dict, shards: list[list[str]], updates: dict,
     n = len(shards)
     weight_map: dict[str, str] = {}
     read = ShardReader(layout)
-    with freed_memory_kept(), contextlib.closing(read):
+    # progress: one event per tensor written (a copy without updates is "writing shards")
+    events = progress_phase("merging tensors" if updates or extra_deltas is not None else "writing shards",
+                            len(layout), "tensor")
+    with freed_memory_kept(), contextlib.closing(read), events:
         for k, names in enumerate(shards, start=1):
             file_name = SINGLE_NAME if n == 1 else f"model-{k:05d}-of-{n:05d}.safetensors"
             specs = [(name, layout[name][1], layout[name][2]) for name in names]
-            merged = (_merged_blocks(name, read, updates.get(name, ()), extra_deltas) for name in names)
+            merged = _counted((_merged_blocks(name, read, updates.get(name, ()), extra_deltas)
+                               for name in names), events.advance)
             weight_map.update({name: file_name for name in names})
             try:
                 write_shard(folder / file_name, specs, merged, metadata={"format": "pt"})
@@ -374,6 +379,13 @@ def _write_shards(layout: dict, shards: list[list[str]], updates: dict,
                               f"{err.strerror or err}; the export stopped and its partial folder "
                               "is removed, the target was not created", str(folder / file_name)) from err
     return weight_map
+
+
+def _counted(items: Iterator, tick: Callable[[], None]) -> Iterator:
+    """The items, calling `tick()` once each has been consumed (written)."""
+    for item in items:
+        yield item
+        tick()
 
 
 def write_shard(path: Path, specs: list[tuple[str, str, list[int]]],

@@ -20,6 +20,10 @@ and keeps its checkpoints (every `train.checkpoint_every` steps); `resume(run)` 
 `workbench resume RUN`, which continues from the last one. `cancel(job)` kills the worker
 (SIGKILL); its run is marked `stopped` with the error "cancelled".
 
+Progress: `view(job)` reads the phase, step / total and the time left from the progress events
+of the run the job is on (`<run>/progress.jsonl`, `workbench.progress`), and the loss curve from
+its metrics.
+
 Workers run at a lower CPU priority than the app (nice +10, or $WORKBENCH_WORKER_NICE), so the
 page stays responsive while a job keeps every core busy; alone on the machine a job still gets
 all of it.
@@ -44,8 +48,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-import yaml
-
+from . import progress
 from .recipes import RecipeError, parse_recipe
 from .resolver import Resolver, using
 from .workspace import Run, RunNotFound, Workspace, pid_alive, write_atomic, write_json
@@ -434,8 +437,9 @@ class JobQueue:
 
     # -- reading ---------------------------------------------------------------------------
     def view(self, job_id: str, log_lines: int = 40) -> dict:
-        """A job with what a watcher wants: queue position, progress (step / total), the loss
-        curve of the run it is on, the log's tail and, once done, the run's summary."""
+        """A job with what a watcher wants: queue position, progress of the run it is on (`phase`,
+        `step` of `total` `unit`s, `eta_s` while it runs, from the run's progress events), its loss
+        curve, the log's tail and, once done, the run's summary."""
         job = self.get(job_id)
         view = dict(job)
         view["display_command"] = display_command(job, self.ws)
@@ -447,10 +451,11 @@ class JobQueue:
         main = self._run(job.get("run"))
         view["current_run"] = current.id if current is not None else None
         view["run_status"] = main.status if main is not None else None
-        curve = loss_curve(current) if current is not None else []
-        view["loss"] = curve
-        view["step"] = curve[-1]["step"] if curve else 0
-        view["total"] = total_steps_of(current) if current is not None else None
+        view["loss"] = loss_curve(current) if current is not None else []
+        where = progress.state(progress.read_events(current.folder) if current is not None else [])
+        if job["status"] != RUNNING:
+            where["eta_s"] = None
+        view.update(where)
         view["log_tail"] = tail(self.ws.root / job["log"], max_lines=log_lines)
         if main is not None and main.info.get("status") == DONE:
             view["summary"] = main.info.get("summary")
@@ -489,20 +494,3 @@ def loss_curve(run: Run) -> list[dict]:
     yet complete is left for the next read (see `Run.metrics`)."""
     return [{"step": row["step"], "loss": row["loss"]} for row in run.metrics() if "loss" in row]
 
-
-_STEPS = re.compile(r"\b(\d+) steps\b")
-
-
-def total_steps_of(run: Run) -> int | None:
-    """A training run's planned optimizer steps: from its log ("...; N steps"), else from its
-    recipe's train.max_steps; None for runs that do not train."""
-    for line in reversed(tail(run.path("run.log"), 65536, 1000).splitlines()):
-        found = _STEPS.findall(line)
-        if found:
-            return int(found[-1])
-    try:
-        recipe = yaml.safe_load(run.path("recipe.yaml").read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError):
-        return None
-    train = recipe.get("train") if isinstance(recipe, dict) else None
-    return train.get("max_steps") if isinstance(train, dict) else None

@@ -354,10 +354,14 @@ class Workspace:
 
     @contextmanager
     def running(self, run: Run) -> Iterator[Run]:
-        """Mark a run running; on any exception mark it failed (or stopped) and re-raise."""
+        """Mark a run running; on any exception mark it failed (or stopped) and re-raise. Progress
+        events inside the block go to the run's progress.jsonl (`workbench.progress`)."""
+        from .progress import recording
+
         run.mark_running()
         try:
-            yield run
+            with recording(run.folder):
+                yield run
         except BaseException as err:  # noqa: BLE001 - recorded, then re-raised
             run.fail(err)
             raise
