@@ -1,5 +1,5 @@
 """Progress events: every stage appends {phase, step, total, unit, time} lines to the run's
-progress.jsonl (training, evaluation, merging, quantizing); the job queue reads its
+progress.jsonl (training, evaluation, merging, quantizing, exporting); the job queue reads its
 phase, step / total and time left from them."""
 
 from __future__ import annotations
@@ -131,6 +131,86 @@ def test_job_view_reports_phase_and_step_of_total_from_the_events(workspace, mon
     # the run log's wording plays no part: the events alone tell the progress
     run.path("run.log").write_text("nothing to parse here\n")
     assert queue.view(job["id"])["total"] == 6
+
+
+def _random_lora(base_folder, folder, seed: int):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_folder),
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+    model.peft_config["default"].base_model_name_or_path = str(base_folder)
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_workbench_export_of_a_lora_run_to_model_and_adapter(workspace, capsys):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from workbench.cli import main
+
+    ws = workspace
+    base_run = next(r for r in ws.runs() if r.info["kind"] == "pretrain")
+    base_folder = base_run.path("model")
+    trained = ws.create_run("train", "random-lora", "kind: train\n", 0, parents=[base_run.id])
+    _random_lora(base_folder, trained.path("adapter"), seed=5)
+    trained.finish({}, outputs={"adapter": "adapter", "base": f"run:{base_run.id}"})
+    common = ["--workspace", str(ws.root)]
+
+    assert main(["export", f"run:{trained.id}", "--format", "model", "--name", "merged",
+                 "--max-shard-mb", "1", *common]) == 0
+    folder = ws.root / "exports" / "merged"
+    stock = AutoModelForCausalLM.from_pretrained(folder)
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_folder),
+                                          trained.path("adapter")).merge_and_unload()
+    ids = AutoTokenizer.from_pretrained(folder)(["The river runs"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.allclose(stock(input_ids=ids).logits, reference(input_ids=ids).logits,
+                              atol=1e-5, rtol=0), "base + s·B·A, as PEFT merges it"
+    assert len(list(folder.glob("model-*-of-*.safetensors"))) > 1
+
+    # the export is a run: its record, its log, its progress events, the folder in its outputs
+    (run,) = [r for r in ws.runs() if r.info["kind"] == "export"]
+    info = run.info
+    assert info["status"] == "done" and info["name"] == "merged" and info["parents"] == [trained.id]
+    assert info["outputs"] == {"export": "exports/merged"}
+    assert yaml.safe_load(run.path("recipe.yaml").read_text()) == {
+        "kind": "export", "name": "merged", "source": f"run:{trained.id}", "format": "model",
+        "max_shard_mb": 1}
+    assert info["summary"]["files"] == sorted(p.name for p in folder.iterdir())
+    manifest = json.loads((folder / "export.json").read_text())
+    assert manifest["source_run"] == trained.id and manifest["kind"] == "model" and manifest["run"] == run.id
+    assert "exporting model" in run.path("run.log").read_text()
+    _check_passes(progress.read_events(run.folder), "merging tensors", "tensor")
+
+    assert main(["export", trained.id, "--format", "adapter", "--name", "lora", *common]) == 0
+    adapter = ws.root / "exports" / "lora"
+    for file in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (adapter / file).read_bytes() == trained.path("adapter", file).read_bytes()
+    (run,) = [r for r in ws.runs() if r.info["kind"] == "export" and r.info["name"] == "lora"]
+    (files,) = _check_passes(progress.read_events(run.folder), "exporting", "file")
+    assert files[-1]["total"] == len(list(trained.path("adapter").iterdir()))
+
+    # an existing name is refused before anything is made; so is a format the run does not offer
+    capsys.readouterr()
+    runs = len(ws.runs())
+    before = sorted(p.name for p in adapter.iterdir())
+    assert main(["export", trained.id, "--format", "adapter", "--name", "lora", *common]) == 1
+    assert "exports/lora already exists" in capsys.readouterr().err
+    assert main(["export", trained.id, "--format", "dequantized", "--name", "deq", *common]) == 1
+    assert "offers model, adapter, not 'dequantized'" in capsys.readouterr().err
+    assert len(ws.runs()) == runs and sorted(p.name for p in adapter.iterdir()) == before
+    assert sorted(p.name for p in (ws.root / "exports").iterdir()) == ["lora", "merged"]
+    with pytest.raises(SystemExit):
+        main(["export", trained.id, "--format", "gguf", "--name", "g", *common])
 
 
 def test_eta_while_a_job_runs(workspace, monkeypatch):

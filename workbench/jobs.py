@@ -1,7 +1,7 @@
 """Jobs: recipes run by worker processes, one at a time, recorded in the workspace.
 
 A job is `workbench run RECIPE --workspace WS` (or `workbench resume RUN`, or an export of a
-finished run: `python -m workbench.ui.exporting RUN KIND NAME`) in its own process and its own
+finished run: `workbench export RUN --format FORMAT --name NAME`) in its own process and its own
 session: a browser refresh, an app restart or Ctrl-C in the app's terminal leaves it running.
 The queue is the folder `<workspace>/jobs/`, per job:
 
@@ -204,6 +204,9 @@ class JobQueue:
             raise JobError(f"run {run.id} is already done")
         if run.status == "running":
             raise JobError(f"run {run.id} is still running (pid {run.info.get('pid')})")
+        if run.info.get("kind") == "export":
+            raise JobError(f"run {run.id} is an export; an export is not resumed: export the run "
+                           "again (a failed export leaves nothing at its target)")
         busy = [j for j in self.jobs() if j["status"] in (QUEUED, RUNNING) and j.get("run") == run.id]
         if busy:
             raise JobError(f"run {run.id} already has job {busy[0]['id']} ({busy[0]['status']})")
@@ -225,8 +228,8 @@ class JobQueue:
 
     def submit_export(self, run_id: str, kind: str, name: str, max_shard_mb: int,
                       source: str = "") -> dict:
-        """Queue an export of a finished run to exports/<name> (`workbench.ui.exporting`; the
-        caller checks the run, the kind and the name first)."""
+        """Queue an export of a finished run to exports/<name> (`workbench export`, see
+        `workbench.exporting`; the caller checks the run, the kind and the name first)."""
         with self._locked():
             busy = [j for j in self.jobs() if j.get("action") == "export" and j["name"] == name
                     and j["status"] in (QUEUED, RUNNING)]
@@ -240,9 +243,9 @@ class JobQueue:
                 "output": f"exports/{name}",
                 "status": QUEUED, "submitted": _now(), "started": None, "finished": None,
                 "pid": None, "host": None, "returncode": None, "stop_requested": None,
-                "command": [self.python, "-m", "workbench.ui.exporting", run_id, kind, name,
-                            "--max-shard-mb", str(int(max_shard_mb)), "--workspace",
-                            str(self.ws.root), "--job", job_id],
+                "command": [*self._command(["export", run_id, "--format", kind, "--name", name,
+                                            "--max-shard-mb", str(int(max_shard_mb))]),
+                            "--job", job_id],
                 "log": str(self.path(job_id, ".log").relative_to(self.ws.root)),
                 "run": None, "runs": [], "error": None,
             }
@@ -478,12 +481,13 @@ def _lower_priority(pid: int) -> None:
 
 def display_command(job: dict, ws: Workspace) -> str:
     """The job as a command a user can type (same recipe, same workspace)."""
-    if job.get("action") == "export":
-        args = [a for a in job["command"][1:] if a != "--job"]
-        args = args[:args.index(job["id"])] + args[args.index(job["id"]) + 1:] \
-            if job["id"] in args else args
-        return f"cd {shlex.quote(str(ws.root))} && python " + " ".join(shlex.quote(a) for a in args)
-    args = job["command"][3:]
+    command = job["command"]
+    if job.get("action") == "export":  # without the job id it passes for the job queue
+        cut = command.index("--job") if "--job" in command else len(command)
+        command = command[:cut] + command[cut + 2:]
+    if command[1:3] != ["-m", "workbench.cli"]:  # an export queued by an older version
+        return f"cd {shlex.quote(str(ws.root))} && python " + " ".join(shlex.quote(a) for a in command[1:])
+    args = command[3:]
     if job.get("action") == "run":
         args = ["run", job["recipe"], *args[2:]]
     return f"cd {shlex.quote(str(ws.root))} && workbench " + " ".join(shlex.quote(a) for a in args)

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from .. import exporting
 from ..cli import _headline
 from ..jobs import JobError, JobQueue
 from ..recipes import KINDS, RecipeError, parse_recipe, recipe_to_yaml
@@ -25,7 +26,7 @@ from ..resolver import PathRefused, Resolver, using
 from ..workspace import JsonlError, RunNotFound, Workspace, write_atomic
 from ..yamlio import MAX_YAML_BYTES, YamlRefused, load_yaml
 from ..world import SPLITS
-from . import compare, exporting, paths
+from . import compare, paths
 from .forms import SOURCE, split_errors
 
 TOPIC_SPLITS = ("topic_train", "topic_eval")  # labelled splits built by workbench.data.read_labelled
