@@ -155,7 +155,7 @@ def test_workbench_export_of_a_lora_run_to_model_and_adapter(workspace, capsys):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from workbench.cli import main
+    from workbench.cli import _headline, main
 
     ws = workspace
     base_run = next(r for r in ws.runs() if r.info["kind"] == "pretrain")
@@ -186,6 +186,7 @@ def test_workbench_export_of_a_lora_run_to_model_and_adapter(workspace, capsys):
         "kind": "export", "name": "merged", "source": f"run:{trained.id}", "format": "model",
         "max_shard_mb": 1}
     assert info["summary"]["files"] == sorted(p.name for p in folder.iterdir())
+    assert _headline(info) == "model → exports/merged", "what `workbench runs` says of it"
     manifest = json.loads((folder / "export.json").read_text())
     assert manifest["source_run"] == trained.id and manifest["kind"] == "model" and manifest["run"] == run.id
     assert "exporting model" in run.path("run.log").read_text()

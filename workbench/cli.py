@@ -42,6 +42,8 @@ def _headline(info: dict) -> str:
                 f"forgetting {summary['general_forgetting_pct']:+.1f}%")
     if "general_ppl" in summary:
         return f"general ppl {summary['general_ppl']:.2f}"
+    if info.get("kind") == "export" and "folder" in summary:
+        return f"{summary.get('format')} → {summary['folder']}"
     return info.get("error") or ""
 
 
