@@ -44,6 +44,7 @@ from safetensors.torch import save_file
 from adapters.lora import check_adapter_format
 from workbench.io import (FLOAT_DTYPES, ShardReader, all_finite, atomic_folder, model_layout,  # noqa: F401
                           write_sharded)
+from workbench.progress import phase as progress_phase
 from workbench.task_vector import LoraTaskVector
 
 
@@ -189,10 +190,21 @@ def _write_shards(layout: dict, updates: dict, extra_deltas: DeltaReader | None,
                   max_shard_bytes: int) -> dict[str, str]:
     """Every merged tensor, in the base's storage order, into shards in `folder` (`write_sharded`)."""
     read = ShardReader(layout)
-    with freed_memory_kept(), contextlib.closing(read):
+    # progress: one event per tensor written (a copy without updates is "writing shards")
+    events = progress_phase("merging tensors" if updates or extra_deltas is not None else "writing shards",
+                            len(layout), "tensor")
+    with freed_memory_kept(), contextlib.closing(read), events:
         specs = [(name, dtype, shape) for name, (_, dtype, shape, _) in layout.items()]
-        merged = (_merged_blocks(name, read, updates.get(name, ()), extra_deltas) for name in layout)
+        merged = _counted((_merged_blocks(name, read, updates.get(name, ()), extra_deltas)
+                           for name in layout), events.advance)
         return write_sharded(folder, specs, merged, max_shard_bytes, metadata={"format": "pt"})
+
+
+def _counted(items: Iterator, tick: Callable[[], None]) -> Iterator:
+    """The items, calling `tick()` once each has been consumed (written)."""
+    for item in items:
+        yield item
+        tick()
 
 
 BLOCK_ELEMENTS = 1 << 20  # merge rows in blocks of about this many elements (4 MiB in float32)

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from workbench.io import atomic_file, write_json
+from workbench.progress import phase as progress_phase
 
 from .rtn import (QuantError, QuantizedWeight, WeightQuantSpec, block_linears, check_model,
                   find_blocks, grouped, integer_codes, quant_grid)
@@ -330,7 +331,8 @@ def flexround_quantize(model: torch.nn.Module, batches: list[dict[str, torch.Ten
     (a result of an interrupted run) skips blocks it already holds; `on_block(k, result)` is called
     after each block, e.g. to save a checkpoint. Each block's learning is seeded by (seed, k), so a
     resumed run ends with the same codes as an uninterrupted one. An exception leaves the model
-    part-quantized: work on a copy when the original is still needed.
+    part-quantized: work on a copy when the original is still needed. Progress: one event per
+    block ("quantizing blocks", `workbench.progress`).
     """
     if not batches:
         raise QuantError("no calibration batches")
@@ -343,6 +345,7 @@ def flexround_quantize(model: torch.nn.Module, batches: list[dict[str, torch.Ten
     items = capture_block_inputs(model, blocks[0], batches, cache)
     fp_in = [item.hidden for item in items]
     q_in = fp_in
+    events = progress_phase("quantizing blocks", len(blocks), "block")  # block k + 1 of n done
     for k, block in enumerate(blocks):
         names = {f"{prefix}.{k}.{n}": n for n in block_linears(block, layers)}
         dtype = next(block.parameters()).dtype
@@ -361,6 +364,7 @@ def flexround_quantize(model: torch.nn.Module, batches: list[dict[str, torch.Ten
         block.to(dtype)
         if names and on_block is not None:
             on_block(k, result)
+        events.update(k + 1)
     model.train(was_training)
     return result
 

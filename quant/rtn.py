@@ -29,6 +29,7 @@ from typing import Callable, Literal
 import torch
 
 from workbench.io import nonfinite_counts
+from workbench.progress import phase as progress_phase
 
 Granularity = Literal["tensor", "channel", "group"]
 Clipping = Literal["minmax", "search"]
@@ -230,10 +231,13 @@ def check_model(model: torch.nn.Module, spec: WeightQuantSpec, layers="all-linea
 @torch.no_grad()
 def quantize_model_rtn(model: torch.nn.Module, spec: WeightQuantSpec, layers="all-linear"
                        ) -> dict[str, QuantizedWeight]:
-    """RTN on every selected linear layer; the model's weights become Ŵ (in place, same dtype)."""
+    """RTN on every selected linear layer; the model's weights become Ŵ (in place, same dtype).
+    Progress: one event per layer ("quantizing layers")."""
     found = check_model(model, spec, layers)
     result = {}
-    for name, module in found.items():
-        result[name] = quantize_rtn(module.weight.detach(), spec, f"{name}.weight")
-        module.weight.copy_(result[name].dequantize(module.weight.dtype))
+    with progress_phase("quantizing layers", len(found), "layer") as events:
+        for name, module in found.items():
+            result[name] = quantize_rtn(module.weight.detach(), spec, f"{name}.weight")
+            module.weight.copy_(result[name].dequantize(module.weight.dtype))
+            events.advance()
     return result

@@ -876,7 +876,7 @@ def test_evaluating_a_run_fills_in_its_comparison(workspace):
 def test_exports_are_exact_atomic_and_never_overwrite(workspace):
     import torch
 
-    from workbench.ui import exporting
+    from workbench import exporting
 
     ws = workspace
     base_run = next(r for r in ws.runs() if r.info["kind"] == "pretrain")

@@ -159,7 +159,7 @@ def test_export_job_writes_the_folder_or_says_why_not(workspace):
     assert all(copied[k].dtype == t.dtype and (copied[k] == t).all() for k, t in original.items())
     ws = workspace.root
     assert display_command(done, workspace) == (
-        f"cd {ws} && python -m workbench.ui.exporting {base.id} model base-copy --max-shard-mb 1 "
+        f"cd {ws} && workbench export {base.id} --format model --name base-copy --max-shard-mb 1 "
         f"--workspace {ws}")
     again = queue.wait(queue.submit_export(base.id, "model", "base-copy", 1)["id"], timeout=120)
     assert again["status"] == "failed" and "exports/base-copy already exists" in again["error"]

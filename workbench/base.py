@@ -54,7 +54,9 @@ def run_pretrain(recipe: PretrainRecipe, ws: Workspace, run: Run | None = None,
         method = get_method("full")
         model = method.attach(model)
         progress = train_loop(model, plan, recipe.train, steps, run, accelerator,
-                              method.trainable_parameters(model), resume=resume)
+                              method.trainable_parameters(model), resume=resume,
+                              phase="building the embedded base" if recipe.name == DEFAULT_BASE_NAME
+                              else "pretraining")
         model = accelerator.unwrap_model(model)
         save_model_folder(model, tokenizer, run.path("model"), overwrite=True)
 

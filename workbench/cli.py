@@ -1,4 +1,5 @@
-"""The `workbench` command line: run recipes, resume runs, list and show runs, evaluate, demo, app."""
+"""The `workbench` command line: run recipes, resume runs, list and show runs, evaluate, export, demo,
+app."""
 
 from __future__ import annotations
 
@@ -80,6 +81,19 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .exporting import run_export
+
+    try:
+        run = run_export(_workspace(args), args.source, args.format, args.name, args.max_shard_mb,
+                         say=lambda message: print(message, flush=True))
+    except KeyboardInterrupt:
+        print("error: export stopped; nothing was written", file=sys.stderr, flush=True)
+        return 130
+    print(f"run {run.id}: {run.status} ({run.folder})")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import demo_recipe
     from .stages import run_train
@@ -126,6 +140,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-questions", type=int, default=100)
     p.add_argument("--max-tokens", type=int, default=16384)
     p.set_defaults(func=cmd_eval)
+
+    from .exporting import DEFAULT_MAX_SHARD_MB, FORMATS
+
+    p = sub.add_parser("export", parents=[common],
+                       help="export a finished run into <workspace>/exports/NAME (model, adapter, "
+                            "compressed-tensors or dequantized folder)")
+    p.add_argument("source", metavar="SOURCE", help="the run to export: run id, unique prefix or run:<id>")
+    p.add_argument("--format", required=True, choices=list(FORMATS),
+                   help="model: sharded safetensors (an adapter merged into its base); adapter: the "
+                        "adapter folder; compressed-tensors / dequantized: a quantize run's folders")
+    p.add_argument("--name", required=True, help="the folder under exports/ (never overwritten)")
+    p.add_argument("--max-shard-mb", type=int, default=DEFAULT_MAX_SHARD_MB,
+                   help=f"largest shard in MB (default {DEFAULT_MAX_SHARD_MB})")
+    p.add_argument("--job", default=None, help=argparse.SUPPRESS)  # the job queue's worker marker
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", parents=[common],
                        help="build the embedded base if needed, train a LoRA domain adapter, report")

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from . import resolver
-from .workspace import JsonlError, read_jsonl_numbered
+from .io import JsonlError, read_jsonl_numbered
 from .world import TOPIC_SPLITS
 
 IGNORE = -100

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from .data import IGNORE, BatchPlan
 from .io import atomic_folder, partial_folder
+from .progress import phase as progress_phase
 from .sections import TrainSpec
 from .workspace import Run, write_json
 
@@ -354,13 +355,14 @@ def train_loop(model, plan: BatchPlan, spec: TrainSpec, total_steps: int, run: R
                evaluate: Callable[[int], dict] | None = None,
                on_step: Callable[[int, float], None] | None = None,
                objective=None, penalty: Callable[[], torch.Tensor] | None = None,
-               observer: StepObserver | None = None) -> Progress:
+               observer: StepObserver | None = None, phase: str = "training") -> Progress:
     """Train for `total_steps` optimizer steps; checkpoint, log and evaluate along the way.
 
     `evaluate(step)` returns metrics to log (called at the steps in spec.eval_at); `on_step(step,
     loss)` is called after each step (progress reporting, tests). `objective` is the training
     signal (`LanguageModelObjective` by default); `penalty()` is a term on the parameters added
-    once per step (a regularizer); `observer` sees each update.
+    once per step (a regularizer); `observer` sees each update. Each optimizer step is a progress
+    event of `phase` with its loss in the run's progress.jsonl (`workbench.progress`).
     """
     objective = objective or LanguageModelObjective()
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -384,8 +386,10 @@ def train_loop(model, plan: BatchPlan, spec: TrainSpec, total_steps: int, run: R
             run.log(f"resumed from {found.name}")
     bar = tqdm(total=total_steps, initial=progress.step, desc=run.info.get("name", "train"),
                unit="step", disable=not accelerator.is_main_process, dynamic_ncols=True)
+    events = progress_phase(phase, total_steps, "step", step=progress.step, folder=run.folder,
+                            enabled=accelerator.is_main_process)
     device = accelerator.device
-    with StopRequest() as stop:  # Ctrl-C / SIGTERM: finish the step, checkpoint, stop
+    with StopRequest() as stop, events:  # Ctrl-C / SIGTERM: finish the step, checkpoint, stop
         for step in range(progress.step, total_steps):
             started = time.perf_counter()
             lr = lr_at(step, spec, total_steps)
@@ -432,6 +436,7 @@ def train_loop(model, plan: BatchPlan, spec: TrainSpec, total_steps: int, run: R
                 run.append_metrics(row)
             bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
             bar.update(1)
+            events.update(progress.step, loss=value)
             if spec.checkpoint_every and progress.step % spec.checkpoint_every == 0 \
                     and progress.step < total_steps:
                 last_good = save_checkpoint(ckpt_dir, trainable, optimizer, progress, rank,

@@ -14,26 +14,49 @@ from __future__ import annotations
 import math
 import string
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from .data import (IGNORE, sentences, encode_documents, encode_labelled, pack, read_examples,
                    read_labelled, read_texts)
 from .engine import masked_nll_sum, next_token_nll_sum
+from .progress import phase as progress_phase
 from .sections import EvalSpec
+
+EVALUATING = "evaluating"  # the progress phase: one event per batch (`workbench.progress`)
 
 
 def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def _batches(rows: int, batch_size: int) -> int:
+    return -(-rows // batch_size)
+
+
+def _packed_texts(texts: list[str], tokenizer, seq_len: int, max_tokens: int, source: str):
+    """The first max_tokens tokens of `texts` packed into rows of `seq_len`."""
+    stream, labels = encode_documents(texts, tokenizer)
+    limit = max(seq_len, max_tokens)
+    return pack(stream[:limit], labels[:limit], seq_len, source)
+
+
+def _no_batch_report() -> None:
+    pass
+
+
 @torch.no_grad()
 def text_metrics(model, tokenizer, texts: list[str], seq_len: int, max_tokens: int,
                  batch_size: int, source: str = "text") -> dict:
     """Perplexity, bits per byte, mean NLL and token count on `texts` (first max_tokens tokens)."""
-    stream, labels = encode_documents(texts, tokenizer)
-    limit = max(seq_len, max_tokens)
-    packed = pack(stream[:limit], labels[:limit], seq_len, source)
+    packed = _packed_texts(texts, tokenizer, seq_len, max_tokens, source)
+    return _text_metrics_of(model, tokenizer, packed, batch_size)
+
+
+@torch.no_grad()
+def _text_metrics_of(model, tokenizer, packed, batch_size: int,
+                     on_batch: Callable[[], None] = _no_batch_report) -> dict:
     device = _device(model)
     nll, tokens, nbytes = 0.0, 0, 0
     for start in range(0, len(packed), batch_size):
@@ -43,6 +66,7 @@ def text_metrics(model, tokenizer, texts: list[str], seq_len: int, max_tokens: i
         tokens += int((y[:, 1:] != IGNORE).sum())
         for row in x[:, 1:].tolist():
             nbytes += len(tokenizer.decode(row, skip_special_tokens=True).encode("utf-8"))
+        on_batch()
     mean = nll / tokens
     return {"ppl": math.exp(mean), "bpb": nll / math.log(2) / max(1, nbytes),
             "nll": mean, "tokens": tokens}
@@ -60,8 +84,9 @@ def is_exact_match(prediction: str, answer: str) -> bool:
 
 
 @torch.no_grad()
-def qa_accuracy(model, tokenizer, examples, max_new_tokens: int, batch_size: int) -> dict:
-    """Greedy exact-match accuracy over (prompt, answer) examples."""
+def qa_accuracy(model, tokenizer, examples, max_new_tokens: int, batch_size: int,
+                on_batch: Callable[[], None] = _no_batch_report) -> dict:
+    """Greedy exact-match accuracy over (prompt, answer) examples; `on_batch()` after each batch."""
     device = _device(model)
     stop_ids = [tokenizer.eos_token_id]
     end_id = tokenizer.convert_tokens_to_ids("<|end|>")
@@ -80,6 +105,7 @@ def qa_accuracy(model, tokenizer, examples, max_new_tokens: int, batch_size: int
             for example, ids in zip(chunk, out[:, enc["input_ids"].shape[1]:]):
                 text = tokenizer.decode(ids, skip_special_tokens=True).split("\n")[0]
                 correct += is_exact_match(text, example.answer)
+            on_batch()
     finally:
         tokenizer.padding_side = side
     return {"accuracy": correct / max(1, len(examples)), "n": len(examples)}
@@ -91,19 +117,27 @@ def question_set_name(source: str) -> str:
 
 def evaluate_model(model, tokenizer, spec: EvalSpec, seq_len: int, world_seed: int = 0,
                    world_size: str = "default", text_only: bool = False) -> dict:
-    """All held-out metrics of one model as a flat dict."""
+    """All held-out metrics of one model as a flat dict (progress: one event per batch, over
+    all the sets)."""
     was_training = model.training
     model.eval()
     metrics: dict[str, float] = {}
-    for label, source in (("domain", spec.domain_text), ("general", spec.general_text)):
-        texts = read_texts(source, world_seed, world_size)
-        for key, value in text_metrics(model, tokenizer, texts, seq_len, spec.max_tokens,
-                                       spec.batch_size, source).items():
-            metrics[f"{label}_{key}"] = value
-    if not text_only:
-        for source in spec.questions:
-            examples = read_examples(source, world_seed, world_size)[:spec.max_questions]
-            result = qa_accuracy(model, tokenizer, examples, spec.max_new_tokens, spec.batch_size)
+    texts = [(label, _packed_texts(read_texts(source, world_seed, world_size), tokenizer, seq_len,
+                                   spec.max_tokens, source))
+             for label, source in (("domain", spec.domain_text), ("general", spec.general_text))]
+    questions = [] if text_only else [
+        (source, read_examples(source, world_seed, world_size)[:spec.max_questions])
+        for source in spec.questions]
+    batches = sum(_batches(len(packed), spec.batch_size) for _, packed in texts) + \
+        sum(_batches(len(examples), spec.batch_size) for _, examples in questions)
+    with progress_phase(EVALUATING, batches, "batch") as events:
+        for label, packed in texts:
+            for key, value in _text_metrics_of(model, tokenizer, packed, spec.batch_size,
+                                               events.advance).items():
+                metrics[f"{label}_{key}"] = value
+        for source, examples in questions:
+            result = qa_accuracy(model, tokenizer, examples, spec.max_new_tokens, spec.batch_size,
+                                 events.advance)
             metrics[f"acc_{question_set_name(source)}"] = result["accuracy"]
     if was_training:
         model.train()
@@ -205,13 +239,16 @@ def classifier_metrics(model, tokenizer, spec: EvalSpec, seq_len: int, world_see
     texts, labels, _ = read_labelled(spec.labelled, world_seed, world_size)
     packed = encode_labelled(texts, labels, tokenizer, seq_len, spec.labelled)
     correct, loss = 0, 0.0
-    for start in range(0, len(packed), spec.batch_size):
-        x = packed.inputs[start:start + spec.batch_size].to(device)
-        y = packed.labels[start:start + spec.batch_size, 0].to(device)
-        logits = model(input_ids=x, attention_mask=(x != tokenizer.pad_token_id).long()).logits.float()
-        loss += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
-        correct += int((logits.argmax(-1) == y).sum())
-    embeddings = general_embeddings(model, tokenizer, spec, seq_len, world_seed, world_size)
+    with progress_phase(EVALUATING, _batches(len(packed), spec.batch_size) + 1, "batch") as events:
+        for start in range(0, len(packed), spec.batch_size):
+            x = packed.inputs[start:start + spec.batch_size].to(device)
+            y = packed.labels[start:start + spec.batch_size, 0].to(device)
+            logits = model(input_ids=x, attention_mask=(x != tokenizer.pad_token_id).long()).logits.float()
+            loss += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(-1) == y).sum())
+            events.advance()
+        embeddings = general_embeddings(model, tokenizer, spec, seq_len, world_seed, world_size)
+        events.advance()
     model.train(was_training)
     return {"accuracy": correct / len(packed), "loss": loss / len(packed), "n": len(packed)}, embeddings
 
@@ -232,9 +269,13 @@ def masked_text_metrics(model, tokenizer, texts: list[str], seq_len: int, max_to
                         batch_size: int, masker, source: str = "text") -> dict:
     """Masked-LM perplexity: exp(mean NLL of the masked tokens) on `texts` (first max_tokens
     tokens), with the masker's deterministic masks."""
-    stream, labels = encode_documents(texts, tokenizer)
-    limit = max(seq_len, max_tokens)
-    packed = pack(stream[:limit], labels[:limit], seq_len, source)
+    packed = _packed_texts(texts, tokenizer, seq_len, max_tokens, source)
+    return _masked_text_metrics_of(model, packed, batch_size, masker)
+
+
+@torch.no_grad()
+def _masked_text_metrics_of(model, packed, batch_size: int, masker,
+                            on_batch: Callable[[], None] = _no_batch_report) -> dict:
     device = _device(model)
     nll, tokens = 0.0, 0
     for start in range(0, len(packed), batch_size):
@@ -242,6 +283,7 @@ def masked_text_metrics(model, tokenizer, texts: list[str], seq_len: int, max_to
         logits = model(input_ids=corrupted.to(device)).logits
         nll += float(masked_nll_sum(logits, targets.to(device)))
         tokens += int((targets != IGNORE).sum())
+        on_batch()
     mean = nll / max(1, tokens)
     return {"ppl": math.exp(mean), "nll": mean, "tokens": tokens}
 
@@ -252,11 +294,18 @@ def masked_lm_metrics(model, tokenizer, spec: EvalSpec, seq_len: int, masker, wo
     was_training = model.training
     model.eval()
     metrics = {}
-    for kind, source in (("domain", spec.domain_text), ("general", spec.general_text)):
-        m = masked_text_metrics(model, tokenizer, read_texts(source, world_seed, world_size), seq_len,
-                                spec.max_tokens, spec.batch_size, masker, source)
-        metrics.update({f"{kind}_ppl": m["ppl"], f"{kind}_nll": m["nll"]})
-    vectors = general_embeddings(model, tokenizer, spec, seq_len, world_seed, world_size) if embeddings else None
+    texts = [(kind, _packed_texts(read_texts(source, world_seed, world_size), tokenizer, seq_len,
+                                  spec.max_tokens, source))
+             for kind, source in (("domain", spec.domain_text), ("general", spec.general_text))]
+    batches = sum(_batches(len(packed), spec.batch_size) for _, packed in texts) + int(embeddings)
+    with progress_phase(EVALUATING, batches, "batch") as events:
+        for kind, packed in texts:
+            m = _masked_text_metrics_of(model, packed, spec.batch_size, masker, events.advance)
+            metrics.update({f"{kind}_ppl": m["ppl"], f"{kind}_nll": m["nll"]})
+        vectors = general_embeddings(model, tokenizer, spec, seq_len, world_seed, world_size) \
+            if embeddings else None
+        if embeddings:
+            events.advance()
     model.train(was_training)
     return metrics, vectors
 

@@ -1,7 +1,7 @@
 """Jobs: recipes run by worker processes, one at a time, recorded in the workspace.
 
 A job is `workbench run RECIPE --workspace WS` (or `workbench resume RUN`, or an export of a
-finished run: `python -m workbench.ui.exporting RUN KIND NAME`) in its own process and its own
+finished run: `workbench export RUN --format FORMAT --name NAME`) in its own process and its own
 session: a browser refresh, an app restart or Ctrl-C in the app's terminal leaves it running.
 The queue is the folder `<workspace>/jobs/`, per job:
 
@@ -19,6 +19,10 @@ Stopping: `stop(job)` sends SIGINT to the worker, as Ctrl-C would. The run is ma
 and keeps its checkpoints (every `train.checkpoint_every` steps); `resume(run)` queues
 `workbench resume RUN`, which continues from the last one. `cancel(job)` kills the worker
 (SIGKILL); its run is marked `stopped` with the error "cancelled".
+
+Progress: `view(job)` reads the phase, step / total and the time left from the progress events
+of the run the job is on (`<run>/progress.jsonl`, `workbench.progress`), and the loss curve from
+its metrics.
 
 Workers run at a lower CPU priority than the app (nice +10, or $WORKBENCH_WORKER_NICE), so the
 page stays responsive while a job keeps every core busy; alone on the machine a job still gets
@@ -44,8 +48,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-import yaml
-
+from . import progress
 from .recipes import RecipeError, parse_recipe
 from .resolver import Resolver, using
 from .workspace import Run, RunNotFound, Workspace, pid_alive, write_atomic, write_json
@@ -201,6 +204,9 @@ class JobQueue:
             raise JobError(f"run {run.id} is already done")
         if run.status == "running":
             raise JobError(f"run {run.id} is still running (pid {run.info.get('pid')})")
+        if run.info.get("kind") == "export":
+            raise JobError(f"run {run.id} is an export; an export is not resumed: export the run "
+                           "again (a failed export leaves nothing at its target)")
         busy = [j for j in self.jobs() if j["status"] in (QUEUED, RUNNING) and j.get("run") == run.id]
         if busy:
             raise JobError(f"run {run.id} already has job {busy[0]['id']} ({busy[0]['status']})")
@@ -222,8 +228,8 @@ class JobQueue:
 
     def submit_export(self, run_id: str, kind: str, name: str, max_shard_mb: int,
                       source: str = "") -> dict:
-        """Queue an export of a finished run to exports/<name> (`workbench.ui.exporting`; the
-        caller checks the run, the kind and the name first)."""
+        """Queue an export of a finished run to exports/<name> (`workbench export`, see
+        `workbench.exporting`; the caller checks the run, the kind and the name first)."""
         with self._locked():
             busy = [j for j in self.jobs() if j.get("action") == "export" and j["name"] == name
                     and j["status"] in (QUEUED, RUNNING)]
@@ -237,9 +243,9 @@ class JobQueue:
                 "output": f"exports/{name}",
                 "status": QUEUED, "submitted": _now(), "started": None, "finished": None,
                 "pid": None, "host": None, "returncode": None, "stop_requested": None,
-                "command": [self.python, "-m", "workbench.ui.exporting", run_id, kind, name,
-                            "--max-shard-mb", str(int(max_shard_mb)), "--workspace",
-                            str(self.ws.root), "--job", job_id],
+                "command": [*self._command(["export", run_id, "--format", kind, "--name", name,
+                                            "--max-shard-mb", str(int(max_shard_mb))]),
+                            "--job", job_id],
                 "log": str(self.path(job_id, ".log").relative_to(self.ws.root)),
                 "run": None, "runs": [], "error": None,
             }
@@ -434,8 +440,9 @@ class JobQueue:
 
     # -- reading ---------------------------------------------------------------------------
     def view(self, job_id: str, log_lines: int = 40) -> dict:
-        """A job with what a watcher wants: queue position, progress (step / total), the loss
-        curve of the run it is on, the log's tail and, once done, the run's summary."""
+        """A job with what a watcher wants: queue position, progress of the run it is on (`phase`,
+        `step` of `total` `unit`s, `eta_s` while it runs, from the run's progress events), its loss
+        curve, the log's tail and, once done, the run's summary."""
         job = self.get(job_id)
         view = dict(job)
         view["display_command"] = display_command(job, self.ws)
@@ -447,10 +454,11 @@ class JobQueue:
         main = self._run(job.get("run"))
         view["current_run"] = current.id if current is not None else None
         view["run_status"] = main.status if main is not None else None
-        curve = loss_curve(current) if current is not None else []
-        view["loss"] = curve
-        view["step"] = curve[-1]["step"] if curve else 0
-        view["total"] = total_steps_of(current) if current is not None else None
+        view["loss"] = loss_curve(current) if current is not None else []
+        where = progress.state(progress.read_events(current.folder) if current is not None else [])
+        if job["status"] != RUNNING:
+            where["eta_s"] = None
+        view.update(where)
         view["log_tail"] = tail(self.ws.root / job["log"], max_lines=log_lines)
         if main is not None and main.info.get("status") == DONE:
             view["summary"] = main.info.get("summary")
@@ -473,12 +481,13 @@ def _lower_priority(pid: int) -> None:
 
 def display_command(job: dict, ws: Workspace) -> str:
     """The job as a command a user can type (same recipe, same workspace)."""
-    if job.get("action") == "export":
-        args = [a for a in job["command"][1:] if a != "--job"]
-        args = args[:args.index(job["id"])] + args[args.index(job["id"]) + 1:] \
-            if job["id"] in args else args
-        return f"cd {shlex.quote(str(ws.root))} && python " + " ".join(shlex.quote(a) for a in args)
-    args = job["command"][3:]
+    command = job["command"]
+    if job.get("action") == "export":  # without the job id it passes for the job queue
+        cut = command.index("--job") if "--job" in command else len(command)
+        command = command[:cut] + command[cut + 2:]
+    if command[1:3] != ["-m", "workbench.cli"]:  # an export queued by an older version
+        return f"cd {shlex.quote(str(ws.root))} && python " + " ".join(shlex.quote(a) for a in command[1:])
+    args = command[3:]
     if job.get("action") == "run":
         args = ["run", job["recipe"], *args[2:]]
     return f"cd {shlex.quote(str(ws.root))} && workbench " + " ".join(shlex.quote(a) for a in args)
@@ -489,20 +498,3 @@ def loss_curve(run: Run) -> list[dict]:
     yet complete is left for the next read (see `Run.metrics`)."""
     return [{"step": row["step"], "loss": row["loss"]} for row in run.metrics() if "loss" in row]
 
-
-_STEPS = re.compile(r"\b(\d+) steps\b")
-
-
-def total_steps_of(run: Run) -> int | None:
-    """A training run's planned optimizer steps: from its log ("...; N steps"), else from its
-    recipe's train.max_steps; None for runs that do not train."""
-    for line in reversed(tail(run.path("run.log"), 65536, 1000).splitlines()):
-        found = _STEPS.findall(line)
-        if found:
-            return int(found[-1])
-    try:
-        recipe = yaml.safe_load(run.path("recipe.yaml").read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError):
-        return None
-    train = recipe.get("train") if isinstance(recipe, dict) else None
-    return train.get("max_steps") if isinstance(train, dict) else None

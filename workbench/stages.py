@@ -866,6 +866,9 @@ def resume_run(ref: str, ws: Workspace) -> Run:
         raise ValueError(f"run {run.id} is already done")
     if run.status == "running":
         raise ValueError(f"run {run.id} is still running (pid {run.info.get('pid')})")
+    if run.info.get("kind") == "export":
+        raise ValueError(f"run {run.id} is an export; an export is not resumed: export the run again "
+                         "(a failed export leaves nothing at its target)")
     recipe = load_recipe(run.path("recipe.yaml"))
     return RUNNERS[recipe.kind](recipe, ws, run=run, resume=True)
 

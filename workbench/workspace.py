@@ -17,9 +17,11 @@ import socket
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 from .io import WriteFailed, write_atomic, write_json
+from .io import (JsonlError, cut_torn_tail, read_jsonl, read_jsonl_numbered,  # noqa: F401
+                 torn_line_message)
 from .resolver import RUN_ID
 
 ENV_HOME = "WORKBENCH_HOME"
@@ -31,103 +33,6 @@ class RunNotFound(LookupError):
 
 # ----------------------------------------------------------------------------------------------
 # JSONL files (one JSON object a line)
-
-
-class JsonlError(ValueError):
-    """A line of a JSONL file is not a JSON object: the message names the file and the line."""
-
-    def __init__(self, path: Path, number: int, problem: str):
-        super().__init__(f"{path}: line {number} {problem}")
-        self.path, self.number, self.problem = Path(path), number, problem
-
-
-def _jsonl_record(path: Path, number: int, line: bytes) -> dict:
-    """One line parsed as a JSON object, or a JsonlError naming the file and the line."""
-    try:
-        record = json.loads(line.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise JsonlError(path, number, "is not UTF-8 text") from None
-    except json.JSONDecodeError as err:
-        raise JsonlError(path, number, f"is not valid JSON ({err.msg})") from None
-    if not isinstance(record, dict):
-        raise JsonlError(path, number, "is not a JSON object")
-    return record
-
-
-def _is_record(line: bytes) -> bool:
-    """Whether a line parses as a JSON object."""
-    try:
-        _jsonl_record(Path(), 0, line)
-    except JsonlError:
-        return False
-    return True
-
-
-def torn_line_message(path: Path, number: int, line: bytes) -> str:
-    """What a reader says when it skips a torn last line."""
-    preview = line[:60].decode("utf-8", errors="replace") + ("..." if len(line) > 60 else "")
-    return (f"{path}: skipped its torn last line {number} ({len(line)} bytes: {preview!r}), "
-            "left by a write that was cut short (full disk, power loss or a killed process)")
-
-
-def read_jsonl_numbered(path: Path, on_torn_tail: Callable[[str], None] | None = None
-                        ) -> list[tuple[int, dict]]:
-    """(line number, record) for every non-blank line of a JSONL file. Line numbers are the
-    file's own: blank lines are counted, and only `\n` ends a line.
-
-    With `on_torn_tail`, a last line that does not parse is taken for what an interrupted append
-    leaves: it is skipped and `on_torn_tail(message)` is told. Any other bad line, or a bad last
-    line without `on_torn_tail`, raises a JsonlError naming the file and the line.
-    """
-    path = Path(path)
-    lines = [(number, line) for number, line in enumerate(path.read_bytes().split(b"\n"), start=1)
-             if line.strip()]
-    records = []
-    for number, line in lines:
-        try:
-            records.append((number, _jsonl_record(path, number, line)))
-        except JsonlError:
-            if on_torn_tail is None or number != lines[-1][0]:
-                raise
-            on_torn_tail(torn_line_message(path, number, line))
-    return records
-
-
-def read_jsonl(path: Path, on_torn_tail: Callable[[str], None] | None = None) -> list[dict]:
-    """The records of a JSONL file (see `read_jsonl_numbered` for torn last lines and errors)."""
-    return [record for _, record in read_jsonl_numbered(path, on_torn_tail)]
-
-
-def _last_line_start(f, end: int, chunk: int = 4096) -> int:
-    """Offset just after the last newline before offset `end` of an open binary file (0 if none)."""
-    while end > 0:
-        start = max(0, end - chunk)
-        f.seek(start)
-        found = f.read(end - start).rfind(b"\n")
-        if found >= 0:
-            return start + found + 1
-        end = start
-    return 0
-
-
-def cut_torn_tail(path: Path) -> bytes:
-    """Make a JSONL file end with a whole, valid line before something is appended to it.
-
-    A last line that does not parse is what an interrupted append leaves: it is cut off and
-    returned, so the next row starts a line of its own instead of being glued to the fragment.
-    A valid last line that only lacks its newline gets one. Returns b"" when nothing was cut.
-    """
-    with open(path, "r+b") as f:
-        size = f.seek(0, os.SEEK_END)
-        start = _last_line_start(f, size - 1) if size else 0  # the last line and its newline
-        f.seek(start)
-        last = f.read()
-        if not last.strip() or _is_record(last):
-            if last and not last.endswith(b"\n"):
-                f.write(b"\n")
-            return b""
-        f.truncate(start)
-        return last
 
 
 def _now() -> str:
@@ -303,10 +208,14 @@ class Workspace:
 
     @contextmanager
     def running(self, run: Run) -> Iterator[Run]:
-        """Mark a run running; on any exception mark it failed (or stopped) and re-raise."""
+        """Mark a run running; on any exception mark it failed (or stopped) and re-raise. Progress
+        events inside the block go to the run's progress.jsonl (`workbench.progress`)."""
+        from .progress import recording
+
         run.mark_running()
         try:
-            yield run
+            with recording(run.folder):
+                yield run
         except BaseException as err:  # noqa: BLE001 - recorded, then re-raised
             run.fail(err)
             raise
@@ -348,4 +257,6 @@ def headline(info: dict) -> str:
                 f"forgetting {summary['general_forgetting_pct']:+.1f}%")
     if "general_ppl" in summary:
         return f"general ppl {summary['general_ppl']:.2f}"
+    if info.get("kind") == "export" and "folder" in summary:
+        return f"{summary.get('format')} → {summary['folder']}"
     return info.get("error") or ""

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .io import write_atomic
-from .workspace import read_jsonl
+from .io import read_jsonl
 
 USER_TOKEN = "<|user|>"
 ASSISTANT_TOKEN = "<|assistant|>"

@@ -658,7 +658,18 @@ def _job_markdown(view: dict) -> str:
     return "\n\n".join(lines)
 
 
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
 def _progress_html(view: dict) -> str:
+    """The phase the job's current run is in, its step / total and the time left (from the run's
+    progress events)."""
     step, total = view.get("step") or 0, view.get("total")
     if view["status"] == "queued":
         return "<div>waiting in the queue</div>"
@@ -671,8 +682,11 @@ def _progress_html(view: dict) -> str:
             return "<div>starting the worker (loading libraries and the model)</div>"
         return "<div>running (this kind of job has no step count)</div>"
     pct = 100.0 * min(step, total) / total
+    phase = f"{html.escape(str(view['phase']))}: " if view.get("phase") else ""
+    unit = html.escape(str(view.get("unit") or "step"))
+    eta = f" · about {_duration(view['eta_s'])} left" if view.get("eta_s") else ""
     return (f"<div><progress value='{step}' max='{total}' style='width:100%;height:18px'></progress>"
-            f"<div>step {step} / {total} ({pct:.0f}%)</div></div>")
+            f"<div>{phase}{unit} {step} / {total} ({pct:.0f}%){eta}</div></div>")
 
 
 def _run_markdown(view: dict) -> str:

@@ -120,7 +120,7 @@ class Generator:
         LoRA or RoAd adapters of one base (or that base itself)."""
         from workbench.models import resolve_source
 
-        from .exporting import adapter_kind
+        from workbench.exporting import adapter_kind
 
         sources = [resolve_source(ref, self.ws) for ref in models]
         bases = {str(Path(s.folder).resolve()) for s in sources if s.folder is not None}

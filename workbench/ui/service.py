@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from .. import exporting
 from ..io import write_atomic
 from ..jobs import JobError, JobQueue
 from ..recipes import KINDS, RecipeError, parse_recipe, recipe_to_yaml
@@ -25,7 +26,7 @@ from ..resolver import PathRefused, Resolver, using
 from ..workspace import JsonlError, RunNotFound, Workspace, headline
 from ..yamlio import MAX_YAML_BYTES, YamlRefused, load_yaml
 from ..world import SPLITS, TOPIC_SPLITS
-from . import compare, exporting, paths
+from . import compare, paths
 from .forms import SOURCE, split_errors
 
 RECIPE_SUFFIXES = (".yaml", ".yml")

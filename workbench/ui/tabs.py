@@ -11,7 +11,7 @@ import gradio as gr
 import pandas as pd
 
 from . import compare as compare_mod
-from .exporting import KINDS as EXPORT_KINDS
+from ..exporting import KINDS as EXPORT_KINDS
 from .playground import MAX_NEW_TOKENS
 from .service import Refused, Service
 from .widgets import code, escape
