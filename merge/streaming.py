@@ -196,15 +196,17 @@ def _write_shards(layout: dict, updates: dict, extra_deltas: DeltaReader | None,
     with freed_memory_kept(), contextlib.closing(read), events:
         specs = [(name, dtype, shape) for name, (_, dtype, shape, _) in layout.items()]
         merged = _counted((_merged_blocks(name, read, updates.get(name, ()), extra_deltas)
-                           for name in layout), events.advance)
-        return write_sharded(folder, specs, merged, max_shard_bytes, metadata={"format": "pt"})
+                           for name in layout), events.update)
+        weight_map = write_sharded(folder, specs, merged, max_shard_bytes, metadata={"format": "pt"})
+        events.update(len(layout))  # the last tensor is written once write_sharded returns
+        return weight_map
 
 
-def _counted(items: Iterator, tick: Callable[[], None]) -> Iterator:
-    """The items, calling `tick()` once each has been consumed (written)."""
-    for item in items:
+def _counted(items: Iterator, update: Callable[[int], None]) -> Iterator:
+    """The items, calling `update(k)` when the k-th is asked for (the k before it are written)."""
+    for k, item in enumerate(items):
+        update(k)
         yield item
-        tick()
 
 
 BLOCK_ELEMENTS = 1 << 20  # merge rows in blocks of about this many elements (4 MiB in float32)

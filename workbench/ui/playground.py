@@ -145,10 +145,12 @@ class Generator:
         names = ["__base__" if s.adapter is None else f"a{i}" for i, s in enumerate(plan["sources"])]
 
         def load():
+            from workbench import resolver
             from workbench.models import load_model
-            from workbench.recipes import ModelSpec
+            from workbench.sections import ModelSpec
 
-            base, tokenizer, _ = load_model(ModelSpec(path=plan["base"]), self.ws)
+            with resolver.workspace_record():  # the base the resolver already found for these models
+                base, tokenizer, _ = load_model(ModelSpec(path=plan["base"]), self.ws)
             folders = {name: s.adapter for name, s in zip(names, plan["sources"]) if s.adapter is not None}
             if plan["kind"] == "road":
                 from adapters.road import load_many
