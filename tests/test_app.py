@@ -18,8 +18,7 @@ import httpx
 import pytest
 import yaml
 
-from conftest import folder_tensors, tiny_train_recipe
-from helpers import served_app
+from helpers import folder_tensors, served_app, tiny_train_recipe
 from workbench.recipes import RoadSpec, TrainRecipe, parse_recipe, recipe_to_yaml
 from workbench.ui.forms import Form
 from workbench.ui.launch import LaunchRefused, settings

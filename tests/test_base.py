@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import shutil
 
-from conftest import tiny_train_recipe
+from helpers import tiny_train_recipe
 from workbench.base import DEFAULT_BASE_NAME, run_pretrain
 from workbench.models import resolve_source
 from workbench.recipes import EvalSpec, ModelSpec, PretrainRecipe, TrainSpec, WorldSpec

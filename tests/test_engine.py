@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import tiny_train_recipe
+from helpers import tiny_train_recipe
 from workbench import engine
 from workbench.engine import TrainingDiverged, lr_at
 from workbench.recipes import TrainSpec, recipe_to_yaml

@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from adapters import get_method
-from conftest import tiny_train_recipe
+from helpers import tiny_train_recipe
 from workbench.models import load_model
 from workbench.recipes import ModelSpec
 from workbench.stages import run_train

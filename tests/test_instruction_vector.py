@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from adapters import get_method
-from conftest import random_lora_adapter, tiny_train_recipe
+from helpers import random_lora_adapter, tiny_train_recipe
 from merge.instruction_vector import instruction_vector_plan
 from workbench.evaluate import evaluate_model
 from workbench.models import ModelSource, build_model_from_config, load_model

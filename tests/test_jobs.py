@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import folder_tensors, tiny_train_recipe
+from helpers import folder_tensors, tiny_train_recipe
 from workbench.jobs import ENV_NICE, JobQueue, display_command, loss_curve
 from workbench.workspace import pid_alive
 from workbench.recipes import RecipeError, recipe_to_yaml

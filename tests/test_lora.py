@@ -10,7 +10,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import tiny_train_recipe
+from helpers import tiny_train_recipe
 from workbench.models import load_model
 from workbench.recipes import ModelSpec
 from workbench.stages import run_train

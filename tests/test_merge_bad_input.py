@@ -24,7 +24,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from merge.dense import merge_folders
 from workbench.models import ModelLoadError
-from conftest import folder_tensors
+from helpers import folder_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import folder_tensors, random_lora_adapter
+from helpers import folder_tensors, random_lora_adapter
 from merge.dense import relative_difference
 from workbench.models import ModelLoadError, build_model_from_config
 from workbench.recipes import MergeInput, MergeRecipe, ModelSpec

@@ -23,7 +23,7 @@ from merge.streaming import model_layout
 from merge.task_vectors import (Cosine, DenseTaskVector, LoraTaskVector, TaskVectorError, cosine,
                                 load_task_vector, weighted_sum)
 from workbench.recipes import MixdaSpec, PromptSpec
-from conftest import folder_tensors
+from helpers import folder_tensors
 
 IDS = torch.tensor([[1, 5, 9, 13, 2, 40, 63, 7]])
 

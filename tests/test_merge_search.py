@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import workbench.stages as stages
-from conftest import tiny_train_recipe
+from helpers import tiny_train_recipe
 from merge.search import choose_point, pareto_front
 from workbench.evaluate import evaluate_model
 from workbench.models import build_model_from_config, load_model

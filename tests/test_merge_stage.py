@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from adapters import get_method
-from conftest import tiny_train_recipe
+from helpers import tiny_train_recipe
 from workbench.models import load_model
 from workbench.recipes import MergeInput, MergeRecipe, ModelSpec
 from workbench.stages import run_merge, run_train

@@ -38,7 +38,7 @@ from workbench.models import ModelLoadError, ModelSource  # noqa: E402
 from workbench.recipes import MergeInput, MergeRecipe, ModelSpec, RecipeError, parse_recipe  # noqa: E402
 from workbench.stages import run_merge  # noqa: E402
 from workbench.workspace import Workspace  # noqa: E402
-from conftest import folder_tensors
+from helpers import folder_tensors
 
 TOLERANCE = 1e-6
 VOCAB = 96

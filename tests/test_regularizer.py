@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from adapters.regularizer import (IMPORTANCE_FILE, ImportanceError, ImportanceRecorder,
                                   layer_coefficients, make_penalty)
-from conftest import tiny_train_recipe
+from helpers import tiny_train_recipe
 from workbench.evaluate import text_metrics
 from workbench.data import read_texts
 from workbench.models import load_model

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from adapters import get_method
 from adapters.road import RoadError, RoadTaskVector, load_many, merge_into_weights
-from conftest import tiny_train_recipe
+from helpers import tiny_train_recipe
 from workbench.export import save_model_folder
 from workbench.models import load_model
 from workbench.recipes import ModelSpec, RoadSpec

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from conftest import tiny_train_recipe
+from helpers import tiny_train_recipe
 from workbench import engine
 from workbench.base import DEFAULT_BASE_NAME
 from workbench.cli import main

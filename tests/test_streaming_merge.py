@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from merge.streaming import merge_lora_into_base
 from workbench.models import build_model_from_config
-from conftest import folder_tensors, random_lora_adapter
+from helpers import folder_tensors, random_lora_adapter
 
 VOCAB = 64
 INPUT_IDS = torch.tensor([[1, 5, 9, 13, 2, 40, 63, 7]])

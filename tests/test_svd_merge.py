@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import random_lora_adapter, tiny_train_recipe
+from helpers import random_lora_adapter, tiny_train_recipe
 from merge.svd import svd_truncated_adapter, truncate_factored
 from workbench.models import build_model_from_config
 from workbench.recipes import MergeInput, MergeRecipe

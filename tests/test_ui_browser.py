@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_train_recipe
+from helpers import tiny_train_recipe
 from workbench.recipes import recipe_to_yaml
 
 CHROMIUM = Path("/usr/bin/chromium")
