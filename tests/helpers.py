@@ -56,25 +56,73 @@ def folder_tensors(folder) -> dict:
     return tensors
 
 
-def random_lora_adapter(folder, r: int, alpha: int, seed: int, use_rslora: bool = False,
-                        vocab_size: int = 64, **overrides):
-    """A PEFT LoRA folder on a fresh llama-tiny (all linear layers) with B ~ N(0, 0.2²) instead of
-    PEFT's zeros, so that its update s·B·A is not zero."""
+def add_noise(model, seed: int, scale: float):
+    """Adds N(0, scale²) noise, drawn from a generator seeded with `seed`, to every parameter of
+    `model` in place (a stand-in for a fine-tune of it); returns the model."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn(param.shape, generator=gen) * scale)
+    return model
+
+
+def save_random_lora(model, folder, *, r: int, alpha: int, seed: int, scale: float = 0.2,
+                     target_modules="all-linear", use_rslora: bool = False, base=None):
+    """`model` wrapped in a PEFT LoRA with B ~ N(0, scale²) (drawn from a generator seeded with
+    `seed`) instead of PEFT's zeros, so that its update s·B·A is not zero, saved to `folder`; with
+    `base`, the adapter records that folder as its base model. Returns `folder`."""
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from workbench.models import build_model_from_config
-
-    model = build_model_from_config("llama-tiny", vocab_size=vocab_size, **overrides)
-    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules="all-linear",
+    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=target_modules,
                                                   use_rslora=use_rslora, lora_dropout=0.0))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
+                param.copy_(torch.randn(param.shape, generator=gen) * scale)
+    if base is not None:
+        peft_model.peft_config["default"].base_model_name_or_path = str(base)
     peft_model.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def random_lora_adapter(folder, r: int, alpha: int, seed: int, use_rslora: bool = False,
+                        vocab_size: int = 64, base=None, **overrides):
+    """A PEFT LoRA folder on a fresh llama-tiny (all linear layers) with B ~ N(0, 0.2²) instead of
+    PEFT's zeros, so that its update s·B·A is not zero; with `base`, it records that base."""
+    from workbench.models import build_model_from_config
+
+    model = build_model_from_config("llama-tiny", vocab_size=vocab_size, **overrides)
+    return save_random_lora(model, folder, r=r, alpha=alpha, seed=seed, use_rslora=use_rslora,
+                            base=base)
+
+
+def lora_updates(adapters, dtype) -> dict:
+    """Σ w·s·B·A per adapted weight (named as in the base model), computed in `dtype` from the
+    factors in the adapters' own files; `adapters` is a list of (folder, weight), and s is
+    lora_alpha / r, or lora_alpha / √r for rsLoRA."""
+    import json
+    import math
+
+    from safetensors.torch import load_file
+
+    total: dict = {}
+    for folder, weight in adapters:
+        config = json.loads((Path(folder) / "adapter_config.json").read_text())
+        r, alpha = config["r"], config["lora_alpha"]
+        scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        raw = load_file(Path(folder) / "adapter_model.safetensors")
+        for key, a in raw.items():
+            if ".lora_A." not in key:
+                continue
+            b = raw[key.replace(".lora_A.", ".lora_B.")]
+            name = key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
+            term = weight * scale * (b.to(dtype) @ a.to(dtype))
+            total[name] = total[name] + term if name in total else term
+    return total
 
 
 def free_port() -> int:
@@ -94,6 +142,7 @@ def served_app(workspace: Path, log_file: Path, *args: str, auth: str | None = N
     port = free_port()
     env = {**os.environ, "WORKBENCH_WORKER_NICE": "0"}
     env.pop("GRADIO_SERVER_PORT", None)
+    env.pop("WORKBENCH_AUTH", None)  # no password unless `auth` gives one
     if auth is not None:
         env["WORKBENCH_AUTH"] = auth
     log = open(log_file, "wb")

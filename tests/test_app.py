@@ -18,7 +18,7 @@ import httpx
 import pytest
 import yaml
 
-from helpers import folder_tensors, served_app, tiny_train_recipe
+from helpers import folder_tensors, save_random_lora, served_app, tiny_train_recipe
 from workbench.recipes import RoadSpec, TrainRecipe, parse_recipe, recipe_to_yaml
 from workbench.ui.forms import Form
 from workbench.ui.launch import LaunchRefused, settings
@@ -803,20 +803,10 @@ def test_comparison_reads_every_kind_of_run(workspace):
 
 def _random_lora(base_folder: Path, folder: Path, seed: int) -> Path:
     """A LoRA adapter of the tiny base with B ~ N(0, 0.3²), so that it changes the answers."""
-    import torch
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_folder),
-                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
-    model.peft_config["default"].base_model_name_or_path = str(base_folder)
-    model.save_pretrained(folder)
-    return folder
+    return save_random_lora(AutoModelForCausalLM.from_pretrained(base_folder), folder, r=4, alpha=8,
+                            seed=seed, scale=0.3, base=base_folder)
 
 
 def _random_road(base_folder: Path, folder: Path, seed: int) -> Path:

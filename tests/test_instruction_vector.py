@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from adapters import get_method
-from helpers import random_lora_adapter, tiny_train_recipe
+from helpers import add_noise, random_lora_adapter, tiny_train_recipe
 from merge.instruction_vector import instruction_vector_plan
 from workbench.evaluate import evaluate_model
 from workbench.models import ModelSource, build_model_from_config, load_model
@@ -26,12 +26,8 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "instruction-vector
 
 
 def _save_perturbed(folder: Path, seed: int) -> Path:
-    model = build_model_from_config("llama-tiny", vocab_size=VOCAB)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(torch.randn(param.shape, generator=gen) * 0.05)
-    model.save_pretrained(folder, safe_serialization=True)
+    add_noise(build_model_from_config("llama-tiny", vocab_size=VOCAB), seed, 0.05).save_pretrained(
+        folder, safe_serialization=True)
     return folder
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, RoadConfig, get_peft_model
+from peft import PeftModel, RoadConfig, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
@@ -23,7 +23,7 @@ from merge.streaming import model_layout
 from merge.task_vectors import (Cosine, DenseTaskVector, LoraTaskVector, TaskVectorError, cosine,
                                 load_task_vector, weighted_sum)
 from workbench.recipes import MixdaSpec, PromptSpec
-from helpers import folder_tensors
+from helpers import add_noise, folder_tensors, save_random_lora
 
 IDS = torch.tensor([[1, 5, 9, 13, 2, 40, 63, 7]])
 
@@ -60,25 +60,11 @@ def make_road(base: Path, folder: Path, seed: int, variant: str = "road_1", grou
 
 
 def make_lora(base: Path, folder: Path, seed: int) -> Path:
-    model = get_peft_model(load_base(base), LoraConfig(r=2, lora_alpha=4, target_modules="all-linear",
-                                                       lora_dropout=0.0))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(noise(gen, p.shape, 0.2))
-    model.peft_config["default"].base_model_name_or_path = str(base)
-    model.save_pretrained(folder)
-    return folder
+    return save_random_lora(load_base(base), folder, r=2, alpha=4, seed=seed, base=base)
 
 
 def make_full(base: Path, folder: Path, seed: int) -> Path:
-    model = load_base(base)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(noise(gen, p.shape, 0.01))
-    model.save_pretrained(folder)
+    add_noise(load_base(base), seed, 0.01).save_pretrained(folder)
     return folder
 
 

@@ -38,7 +38,7 @@ from workbench.models import ModelLoadError, ModelSource  # noqa: E402
 from workbench.recipes import MergeInput, MergeRecipe, ModelSpec, RecipeError, parse_recipe  # noqa: E402
 from workbench.stages import run_merge  # noqa: E402
 from workbench.workspace import Workspace  # noqa: E402
-from helpers import folder_tensors
+from helpers import add_noise, folder_tensors, save_random_lora
 
 TOLERANCE = 1e-6
 VOCAB = 96
@@ -65,31 +65,17 @@ def _family(root: Path, dtype=torch.float32, n: int = 3) -> tuple[Path, list[Pat
     base_folder = _save(base, root / "base", dtype)
     tuned = []
     for i in range(n):
-        model = _llama(0)
-        gen = torch.Generator().manual_seed(100 + i)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn(p.shape, generator=gen) * 0.01 * (i + 1))
+        model = add_noise(_llama(0), seed=100 + i, scale=0.01 * (i + 1))
         tuned.append(_save(model, root / f"tuned-{i}", dtype))
     return base_folder, tuned
 
 
 def _lora(base_folder: Path, folder: Path, seed: int) -> Path:
     """A PEFT LoRA adapter of the base with random (non-zero) A and B."""
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base_folder)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
-                                                  target_modules=["q_proj", "v_proj", "up_proj"]))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
-    peft_model.save_pretrained(folder, safe_serialization=True)
-    return folder
-
+    return save_random_lora(AutoModelForCausalLM.from_pretrained(base_folder), folder, r=4, alpha=8,
+                            seed=seed, scale=0.1, target_modules=["q_proj", "v_proj", "up_proj"])
 
 
 def _max_diff(ours: Path, theirs: Path) -> float:

@@ -11,29 +11,18 @@ from __future__ import annotations
 
 import os
 import re
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from helpers import tiny_train_recipe
+from helpers import served_app, tiny_train_recipe
 from workbench.recipes import recipe_to_yaml
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run"]
-ROOT = Path(__file__).resolve().parents[1]
 JOB_TIMEOUT_MS = 150_000
 DONE = re.compile(r"(^|\s)done · job ")  # the job panel's first line once the job has finished
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -55,38 +44,11 @@ def artifacts(tmp_path) -> Path:
 @pytest.fixture
 def served(workspace, tmp_path):
     """The app over a workspace with the tiny base and recipes/tiny.yaml, on a free port."""
-    import httpx
-
     (workspace.root / "recipes").mkdir()
     (workspace.root / "recipes" / "tiny.yaml").write_text(
         recipe_to_yaml(tiny_train_recipe(name="browser-lora")))
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("WORKBENCH_AUTH", "GRADIO_SERVER_PORT")}
-    env["WORKBENCH_WORKER_NICE"] = "0"
-    log_path = tmp_path / "app.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port),
-                                    "--workspace", str(workspace.root)], cwd=tmp_path, env=env,
-                                   stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 120
-    try:
-        while True:
-            assert process.poll() is None, log_path.read_text()
-            try:
-                if httpx.get(url, timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the app did not answer within 120 s"
-            time.sleep(0.3)
+    with served_app(workspace.root, tmp_path / "app.log") as url:
         yield {"url": url, "ws": workspace}
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 def _pick(page, label: str, value: str) -> None:
