@@ -54,22 +54,42 @@ def _session(app) -> httpx.Client:
     return session
 
 
-def test_train_job_through_the_api_to_the_end(app):
-    client, ws = app["client"], app["ws"]
+@pytest.fixture(scope="module")
+def trained_run(app):
+    """The tiny LoRA recipe submitted through the API once per module and followed to its end:
+    the recipe's text, the submitted job, every status seen while it ran (the last one final), the
+    job list right after it ended, and the run it made (None if it made none)."""
+    client = app["client"]
     text = recipe_to_yaml(tiny_train_recipe(name="api-lora"))
-    checked = client.predict(text, api_name="/validate_recipe")
-    assert checked["ok"] and checked["kind"] == "train" and checked["name"] == "api-lora"
     job = client.predict(text, api_name="/submit_recipe")
-    assert job["status"] in ("queued", "running") and job["kind"] == "train"
-
-    seen_steps, deadline = [], time.monotonic() + 150
+    statuses, deadline = [], time.monotonic() + 150
     while True:
         status = client.predict(job["id"], api_name="/job_status")
-        seen_steps.append(status["step"])
+        statuses.append(status)
         if status["status"] in ("done", "failed", "stopped", "cancelled"):
             break
         assert time.monotonic() < deadline, f"job still {status['status']}: {status['log_tail']}"
         time.sleep(1.0)
+    return {"text": text, "job": job, "statuses": statuses,
+            "jobs_after": client.predict(api_name="/list_jobs"), "run": status.get("run")}
+
+
+def _trained(trained_run) -> str:
+    """The run id of the module's training job, which must have ended well."""
+    final = trained_run["statuses"][-1]
+    assert final["status"] == "done", final["error"] or final["log_tail"]
+    return trained_run["run"]
+
+
+def test_train_job_through_the_api_to_the_end(app, trained_run):
+    client, ws = app["client"], app["ws"]
+    text, job = trained_run["text"], trained_run["job"]
+    checked = client.predict(text, api_name="/validate_recipe")
+    assert checked["ok"] and checked["kind"] == "train" and checked["name"] == "api-lora"
+    assert job["status"] in ("queued", "running") and job["kind"] == "train"
+
+    seen_steps = [s["step"] for s in trained_run["statuses"]]
+    status = trained_run["statuses"][-1]
     assert status["status"] == "done", status["error"] or status["log_tail"]
     assert status["step"] == status["total"] == 6
     assert [p["step"] for p in status["loss"]] == [1, 2, 3, 4, 5, 6]
@@ -94,8 +114,7 @@ def test_train_job_through_the_api_to_the_end(app):
     assert record["status"] == "done" and record["run"] == run_id
     log = (ws.root / record["log"]).read_text()
     assert "step" in log and "gemm_4bit" not in log, "no bitsandbytes CPU-kernel warning in the log"
-    assert client.predict(api_name="/list_jobs")[0]["id"] == job["id"]
-    app["trained"] = run_id
+    assert trained_run["jobs_after"][0]["id"] == job["id"], "the newest job is listed first"
 
 
 def _wait(client, job: dict, timeout: float = 150) -> dict:
@@ -108,12 +127,10 @@ def _wait(client, job: dict, timeout: float = 150) -> dict:
         time.sleep(0.5)
 
 
-def test_merge_quantize_export_and_generate_through_the_api(app, tmp_path):
+def test_merge_quantize_export_and_generate_through_the_api(app, trained_run, tmp_path):
     """The trained adapter merged (θ + 0.5·s·B·A), the merge quantized, all of it exported and
     found in the workspace; the playground answers with the base and the adapter side by side."""
-    if "trained" not in app:
-        pytest.skip("needs the adapter of test_train_job_through_the_api_to_the_end")
-    client, ws, trained = app["client"], app["ws"], app["trained"]
+    client, ws, trained = app["client"], app["ws"], _trained(trained_run)
     AppError = gradio_client.exceptions.AppError
     sources = [s["value"] for s in client.predict(api_name="/list_sources")]
     assert sources[0] == "default" and f"run:{trained}" in sources
