@@ -392,7 +392,9 @@ def test_weighted_sum_scaling_and_negation_on_every_kind(world, tmp_path):
     torch.testing.assert_close(inverse.theta[layer], torch.zeros_like(road_a.theta[layer]))
     torch.testing.assert_close(inverse.alpha[layer], torch.ones_like(road_a.alpha[layer]))
     assert isinstance(weighted_sum([DenseTaskVector({}), lora_a], [1.0, 1.0]), DenseTaskVector)
-    assert isinstance(lora_a, LoraTaskVector) and isinstance(MixdaTaskVector({}), MixdaTaskVector)
+    mixda_a, mixda_b = pairs(world, tmp_path)["mixda"]
+    assert isinstance(lora_a, LoraTaskVector) and isinstance(mixda_a, MixdaTaskVector)
+    assert isinstance(weighted_sum([mixda_a, mixda_b], [0.7, -0.3]), MixdaTaskVector)
     assert math.isfinite(cosine(pairs(world, tmp_path)["full"][0], lora_a).overall)
 
 
