@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import gradio_client
 import httpx
 import pytest
 import yaml
@@ -26,8 +27,6 @@ from workbench.ui.launch import LaunchRefused, settings
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 USER, PASSWORD = "tester", "pw-7f3a9c-not-in-any-file"
-
-gradio_client = pytest.importorskip("gradio_client")
 
 
 @pytest.fixture(scope="module")
@@ -490,7 +489,7 @@ def test_login_throttle_locks_an_address_for_a_doubling_time_and_a_success_clear
 def test_sessions_compute_block_configs_only_when_asked(monkeypatch):
     """A new session (each plain-HTTP API call is one) computes no block's configuration; the
     configurations it gives when asked are Gradio's own, updates included."""
-    gr = pytest.importorskip("gradio")
+    import gradio as gr
     from gradio.blocks import BlocksConfig
     from gradio.state_holder import SessionState
 
@@ -614,7 +613,7 @@ def test_every_page_event_answers_with_its_outputs(workspace, tmp_path, monkeypa
     returns one value per output, in a form its component accepts; the train form's preview puts
     a bad value's error next to its field."""
     monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
-    gr = pytest.importorskip("gradio")
+    import gradio as gr
     from workbench.ui.app import API_NAMES, build_app
     from workbench.ui.service import Service
 
@@ -666,7 +665,7 @@ def test_every_page_event_answers_with_its_outputs(workspace, tmp_path, monkeypa
 def _rendered_forms(service):
     """The page's recipe forms, rendered into a throwaway Blocks (their state logic needs the
     components)."""
-    gr = pytest.importorskip("gradio")
+    import gradio as gr
     from workbench.ui.app import _start_state, make_forms
 
     forms = make_forms(service)

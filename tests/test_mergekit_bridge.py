@@ -23,22 +23,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mergekit  # noqa: F401  (in the test extra: these tests fail, not skip, without it)
 import pytest
 import torch
 import yaml
 
-pytest.importorskip("mergekit")
-
-from merge.mergekit_bridge import (MergekitConfigError, MergekitRunError,  # noqa: E402
-                                   MergekitUnsupported, check_mergekit_config, mergekit_parameters,
-                                   run_mergekit_config, to_mergekit_yaml)
-from merge.task_vectors import LoraTaskVector  # noqa: E402
-from workbench.cli import main  # noqa: E402
-from workbench.models import ModelLoadError, ModelSource  # noqa: E402
-from workbench.recipes import MergeInput, MergeRecipe, ModelSpec, RecipeError, parse_recipe  # noqa: E402
-from workbench.stages import run_merge  # noqa: E402
-from workbench.workspace import Workspace  # noqa: E402
 from helpers import add_noise, folder_tensors, save_random_lora
+from merge.mergekit_bridge import (MergekitConfigError, MergekitRunError, MergekitUnsupported,
+                                   check_mergekit_config, mergekit_parameters, run_mergekit_config,
+                                   to_mergekit_yaml)
+from merge.task_vectors import LoraTaskVector
+from workbench.cli import main
+from workbench.models import ModelLoadError, ModelSource
+from workbench.recipes import MergeInput, MergeRecipe, ModelSpec, RecipeError, parse_recipe
+from workbench.stages import run_merge
+from workbench.workspace import Workspace
 
 TOLERANCE = 1e-6
 VOCAB = 96

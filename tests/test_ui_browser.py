@@ -4,7 +4,7 @@ from the Merge form, reload the page and still find the runs. Screenshots of eve
 $WORKBENCH_TEST_ARTIFACTS/ui_browser (or the test's temporary folder).
 
 Uses the system's Chromium (/usr/bin/chromium); nothing is downloaded. Skipped, with the reason,
-where Playwright or Chromium is missing.
+where Chromium is missing (Playwright itself is in the test extra).
 """
 
 from __future__ import annotations
@@ -27,10 +27,11 @@ DONE = re.compile(r"(^|\s)done · job ")  # the job panel's first line once the 
 
 @pytest.fixture
 def sync_api():
-    api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed")
+    from playwright import sync_api  # in the test extra: without it this fails, not skips
+
     if not CHROMIUM.is_file():
         pytest.skip(f"no Chromium at {CHROMIUM} (install Debian's chromium package)")
-    return api
+    return sync_api
 
 
 @pytest.fixture
