@@ -125,6 +125,19 @@ def lora_updates(adapters, dtype) -> dict:
     return total
 
 
+def copy_linked_runs(workspace) -> None:
+    """Replaces each run folder of `workspace` that is a symbolic link (the `workspace` fixture
+    links the session's tiny base) with a copy of what it links to: the app reads only inside its
+    workspace and refuses links that lead out of it."""
+    import shutil
+
+    for run in workspace.runs_dir.iterdir():
+        if run.is_symlink():
+            target = run.resolve()
+            run.unlink()
+            shutil.copytree(target, run)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as s:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -32,14 +33,15 @@ USER, PASSWORD = "tester", "pw-7f3a9c-not-in-any-file"
 @pytest.fixture(scope="module")
 def app(base_workspace, tmp_path_factory):
     """The app on a free port over a workspace holding the tiny base; the password comes from
-    WORKBENCH_AUTH, uploads are capped at 1 MB."""
+    WORKBENCH_AUTH, uploads are capped at 1 MB. The base run is copied in (about 1 MB), not linked:
+    the app reads only inside its workspace and refuses links that lead out of it."""
     from workbench.base import DEFAULT_BASE_NAME
     from workbench.workspace import Workspace
 
     ws = Workspace(tmp_path_factory.mktemp("app") / "ws")
     ws.runs_dir.mkdir(parents=True)
     base = base_workspace.latest("pretrain", DEFAULT_BASE_NAME)
-    (ws.runs_dir / base.id).symlink_to(base.folder, target_is_directory=True)
+    shutil.copytree(base.folder, ws.runs_dir / base.id)
     with served_app(ws.root, ws.root.parent / "app.log", "--max-upload-mb", "1",
                     auth=f"{USER}:{PASSWORD}") as url:
         client = gradio_client.Client(url, auth=(USER, PASSWORD), verbose=False, download_files=False)

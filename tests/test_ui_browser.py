@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import served_app, tiny_train_recipe
+from helpers import copy_linked_runs, served_app, tiny_train_recipe
 from workbench.recipes import recipe_to_yaml
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -44,7 +44,9 @@ def artifacts(tmp_path) -> Path:
 
 @pytest.fixture
 def served(workspace, tmp_path):
-    """The app over a workspace with the tiny base and recipes/tiny.yaml, on a free port."""
+    """The app over a workspace with (a copy of) the tiny base and recipes/tiny.yaml, on a free
+    port."""
+    copy_linked_runs(workspace)
     (workspace.root / "recipes").mkdir()
     (workspace.root / "recipes" / "tiny.yaml").write_text(
         recipe_to_yaml(tiny_train_recipe(name="browser-lora")))
