@@ -82,6 +82,7 @@ def _trained(trained_run) -> str:
     return trained_run["run"]
 
 
+@pytest.mark.slow
 def test_train_job_through_the_api_to_the_end(app, trained_run):
     client, ws = app["client"], app["ws"]
     text, job = trained_run["text"], trained_run["job"]
@@ -128,6 +129,7 @@ def _wait(client, job: dict, timeout: float = 150) -> dict:
         time.sleep(0.5)
 
 
+@pytest.mark.slow
 def test_merge_quantize_export_and_generate_through_the_api(app, trained_run, tmp_path):
     """The trained adapter merged (θ + 0.5·s·B·A), the merge quantized, all of it exported and
     found in the workspace; the playground answers with the base and the adapter side by side."""
@@ -249,6 +251,7 @@ def test_bad_value_comes_back_readable(app):
         client.predict("nope", api_name="/job_status")
 
 
+@pytest.mark.slow
 def test_paths_outside_the_workspace_are_refused(app, tmp_path):
     client, ws = app["client"], app["ws"]
     outside = tmp_path / "secret.yaml"
@@ -385,6 +388,7 @@ def _call(http: httpx.Client, name: str, data: list):
     raise AssertionError(f"{name}: the event stream ended without an answer")
 
 
+@pytest.mark.slow
 def test_fifty_concurrent_read_only_calls_all_answer_while_a_job_trains(app):
     """50 read-only calls at once (list_runs, list_jobs, job_status, get_run, list_exports), through
     plain HTTP and through gradio_client, while a training job runs: every one answers."""
@@ -524,6 +528,7 @@ def test_sessions_compute_block_configs_only_when_asked(monkeypatch):
     assert next(c for c in lazy.components if c["id"] == name._id)["props"]["value"] == "y"
 
 
+@pytest.mark.slow
 def test_bitsandbytes_cpu_kernel_warning_is_dropped_and_nothing_else():
     import logging
 
@@ -844,6 +849,7 @@ def _random_road(base_folder: Path, folder: Path, seed: int) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_evaluating_a_run_fills_in_its_comparison(workspace):
     """The Evaluate button's recipe, run: the adapter against its base, and the comparison of the
     run shows the eval's numbers; a merged model is evaluated against the base it records."""
@@ -930,6 +936,7 @@ def test_exports_are_exact_atomic_and_never_overwrite(workspace):
     assert sorted(p.name for p in (ws.root / "exports").iterdir()) == ["merged"]
 
 
+@pytest.mark.slow
 def test_playground_mixed_batch_answers_as_each_adapter_alone(workspace):
     """Row i of a mixed batch goes through adapter i only: its greedy answer equals that adapter's
     own, as plain PEFT generates it (LoRA and RoAd; the base as __base__)."""

@@ -136,6 +136,7 @@ def test_example_pipeline_validates():
     assert {i.role: i.path for i in merge.inputs} == {"domain": "stage:domain", "instruct": "stage:instruct"}
 
 
+@pytest.mark.slow
 def test_merge_stage_reports_cosine_and_four_columns(workspace, capsys):
     domain = run_train(tiny_train_recipe(name="domain", train__checkpoint_every=0), workspace)
     instruct = run_train(tiny_train_recipe(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
@@ -21,6 +22,7 @@ def _trained_run(workspace, **changes):
                      workspace)
 
 
+@pytest.mark.slow
 def test_adapter_loads_in_plain_peft_with_identical_logits(workspace):
     run = _trained_run(workspace)
     ours, tokenizer, source = load_model(ModelSpec(path=f"run:{run.id}"), workspace)

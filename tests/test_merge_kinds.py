@@ -194,6 +194,7 @@ def test_mixed_road_lora_and_model_merge_is_base_plus_the_dense_deltas(world, tm
         torch.testing.assert_close(got[name], by_hand, atol=2e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_mixed_road_and_lora_through_the_merge_stage(world, tmp_path):
     from workbench.recipes import MergeInput, MergeRecipe, ModelSpec
     from workbench.stages import run_merge
@@ -351,6 +352,7 @@ def pairs(world, tmp_path) -> dict[str, tuple]:
     }
 
 
+@pytest.mark.slow
 def test_cosine_per_tensor_and_overall_equal_the_by_hand_cosine(world, tmp_path):
     for kind, (a, b) in pairs(world, tmp_path).items():
         assert a.kind == b.kind == kind

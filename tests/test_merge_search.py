@@ -153,6 +153,7 @@ def test_search_recipe_is_validated():
 # The real evaluation: in memory, equal to evaluating the written model
 
 
+@pytest.mark.slow
 def test_in_memory_evaluation_equals_the_written_model(workspace):
     domain = run_train(tiny_train_recipe(name="domain", train__checkpoint_every=0), workspace)
     instruct = run_train(tiny_train_recipe(

@@ -214,6 +214,7 @@ def _command_in_comment(mergekit_yaml: Path) -> list[str]:
     return shlex.split(commands[0])
 
 
+@pytest.mark.slow
 def test_the_command_written_beside_a_lora_merge_runs_and_gives_our_model(family, tmp_path):
     """mergekit-yaml merges `base+lora` references only with --lora-merge-cache; the command in the
     comment is run as written (from the run folder, with mergekit's own CLI) and must give our model."""
@@ -336,6 +337,7 @@ def test_lora_that_mergekit_cannot_merge_exactly_is_refused(family, tmp_path):
 # mergekit YAML as a stage
 
 
+@pytest.mark.slow
 def test_mergekit_stage_in_a_pipeline_with_stage_refs(workspace, tmp_path, capsys):
     """`workbench run` of a pipeline: train a LoRA, then a mergekit YAML file that refers to it as
     `stage:lora` (a LoRA run stands for mergekit's base+lora) and to the embedded base."""

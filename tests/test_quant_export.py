@@ -167,6 +167,7 @@ def tiny_quantize_recipe(**changes) -> QuantizeRecipe:
     return QuantizeRecipe.model_validate(data)
 
 
+@pytest.mark.slow
 def test_quantize_stage_writes_report_and_exports(workspace):
     import compressed_tensors  # noqa: F401  (transformers reads the export with it)
     from transformers import AutoModelForCausalLM
@@ -220,6 +221,7 @@ def test_quantize_stage_refuses_bad_input_without_output(workspace, tmp_path):
         run_recipe(tiny_quantize_recipe(calibration=str(notes), eval=None), workspace)
 
 
+@pytest.mark.slow
 def test_an_interrupted_quantize_run_resumes_to_the_same_codes(workspace, monkeypatch):
     import quant.stage as stage
     from workbench.stages import resume_run

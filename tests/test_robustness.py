@@ -55,6 +55,7 @@ def _metric_rows(steps) -> str:
 # A torn last line in metrics.jsonl
 
 
+@pytest.mark.slow
 def test_torn_metrics_line_is_skipped_noted_once_and_resume_gives_the_uninterrupted_curve(
         workspace, monkeypatch, capsys):
     reference = run_train(tiny_train_recipe(name="reference"), workspace)

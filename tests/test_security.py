@@ -303,6 +303,7 @@ def test_app_refuses_remote_code_from_the_browser(app, tmp_path):
     assert not marker.exists() and not (ws / "runs").exists()
 
 
+@pytest.mark.slow
 def test_app_checks_paths_inside_a_saved_mergekit_config(app):
     client, ws, outside = app["client"], app["ws"], app["outside"]
     config = yaml.safe_dump({"merge_method": "linear",

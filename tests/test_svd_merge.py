@@ -77,6 +77,7 @@ def test_lower_rank_is_the_best_rank_k_approximation(setup):
     assert json.loads((out / "truncation.json").read_text())["relative_error"] == report.overall
 
 
+@pytest.mark.slow
 def test_truncated_adapter_loads_in_plain_peft(setup):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -103,6 +104,7 @@ def test_rank_must_be_below_the_sum_and_output_must_be_new(setup):
         svd_truncated_adapter(adapters, root / "taken", rank=2)
 
 
+@pytest.mark.slow
 def test_merge_stage_writes_exact_or_truncated_adapters(workspace):
     domain = run_train(tiny_train_recipe(name="domain", train__checkpoint_every=0), workspace)
     general = run_train(tiny_train_recipe(name="general", seed=1, train__checkpoint_every=0,

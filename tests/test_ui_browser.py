@@ -62,6 +62,7 @@ def _pick(page, label: str, value: str) -> None:
     box.press("Enter")
 
 
+@pytest.mark.slow
 def test_train_from_the_form_watch_the_loss_merge_and_find_it_after_a_reload(sync_api, served,
                                                                               artifacts):
     expect = sync_api.expect
