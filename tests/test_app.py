@@ -9,18 +9,19 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import gradio_client
 import httpx
 import pytest
 import yaml
 
-from conftest import folder_tensors, tiny_train_recipe
-from helpers import served_app
 from adapters.road import RoadSpec
+from helpers import folder_tensors, save_random_lora, served_app, tiny_train_recipe
 from workbench.recipes import TrainRecipe, parse_recipe, recipe_to_yaml
 from workbench.ui.forms import Form
 from workbench.ui.launch import LaunchRefused, settings
@@ -29,20 +30,19 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 USER, PASSWORD = "tester", "pw-7f3a9c-not-in-any-file"
 
-gradio_client = pytest.importorskip("gradio_client")
-
 
 @pytest.fixture(scope="module")
 def app(base_workspace, tmp_path_factory):
     """The app on a free port over a workspace holding the tiny base; the password comes from
-    WORKBENCH_AUTH, uploads are capped at 1 MB."""
+    WORKBENCH_AUTH, uploads are capped at 1 MB. The base run is copied in (about 1 MB), not linked:
+    the app reads only inside its workspace and refuses links that lead out of it."""
     from workbench.base import DEFAULT_BASE_NAME
     from workbench.workspace import Workspace
 
     ws = Workspace(tmp_path_factory.mktemp("app") / "ws")
     ws.runs_dir.mkdir(parents=True)
     base = base_workspace.latest("pretrain", DEFAULT_BASE_NAME)
-    (ws.runs_dir / base.id).symlink_to(base.folder, target_is_directory=True)
+    shutil.copytree(base.folder, ws.runs_dir / base.id)
     with served_app(ws.root, ws.root.parent / "app.log", "--max-upload-mb", "1",
                     auth=f"{USER}:{PASSWORD}") as url:
         client = gradio_client.Client(url, auth=(USER, PASSWORD), verbose=False, download_files=False)
@@ -56,22 +56,43 @@ def _session(app) -> httpx.Client:
     return session
 
 
-def test_train_job_through_the_api_to_the_end(app):
-    client, ws = app["client"], app["ws"]
+@pytest.fixture(scope="module")
+def trained_run(app):
+    """The tiny LoRA recipe submitted through the API once per module and followed to its end:
+    the recipe's text, the submitted job, every status seen while it ran (the last one final), the
+    job list right after it ended, and the run it made (None if it made none)."""
+    client = app["client"]
     text = recipe_to_yaml(tiny_train_recipe(name="api-lora"))
-    checked = client.predict(text, api_name="/validate_recipe")
-    assert checked["ok"] and checked["kind"] == "train" and checked["name"] == "api-lora"
     job = client.predict(text, api_name="/submit_recipe")
-    assert job["status"] in ("queued", "running") and job["kind"] == "train"
-
-    seen_steps, deadline = [], time.monotonic() + 150
+    statuses, deadline = [], time.monotonic() + 150
     while True:
         status = client.predict(job["id"], api_name="/job_status")
-        seen_steps.append(status["step"])
+        statuses.append(status)
         if status["status"] in ("done", "failed", "stopped", "cancelled"):
             break
         assert time.monotonic() < deadline, f"job still {status['status']}: {status['log_tail']}"
         time.sleep(1.0)
+    return {"text": text, "job": job, "statuses": statuses,
+            "jobs_after": client.predict(api_name="/list_jobs"), "run": status.get("run")}
+
+
+def _trained(trained_run) -> str:
+    """The run id of the module's training job, which must have ended well."""
+    final = trained_run["statuses"][-1]
+    assert final["status"] == "done", final["error"] or final["log_tail"]
+    return trained_run["run"]
+
+
+@pytest.mark.slow
+def test_train_job_through_the_api_to_the_end(app, trained_run):
+    client, ws = app["client"], app["ws"]
+    text, job = trained_run["text"], trained_run["job"]
+    checked = client.predict(text, api_name="/validate_recipe")
+    assert checked["ok"] and checked["kind"] == "train" and checked["name"] == "api-lora"
+    assert job["status"] in ("queued", "running") and job["kind"] == "train"
+
+    seen_steps = [s["step"] for s in trained_run["statuses"]]
+    status = trained_run["statuses"][-1]
     assert status["status"] == "done", status["error"] or status["log_tail"]
     assert status["step"] == status["total"] == 6
     assert [p["step"] for p in status["loss"]] == [1, 2, 3, 4, 5, 6]
@@ -96,8 +117,7 @@ def test_train_job_through_the_api_to_the_end(app):
     assert record["status"] == "done" and record["run"] == run_id
     log = (ws.root / record["log"]).read_text()
     assert "step" in log and "gemm_4bit" not in log, "no bitsandbytes CPU-kernel warning in the log"
-    assert client.predict(api_name="/list_jobs")[0]["id"] == job["id"]
-    app["trained"] = run_id
+    assert trained_run["jobs_after"][0]["id"] == job["id"], "the newest job is listed first"
 
 
 def _wait(client, job: dict, timeout: float = 150) -> dict:
@@ -110,12 +130,11 @@ def _wait(client, job: dict, timeout: float = 150) -> dict:
         time.sleep(0.5)
 
 
-def test_merge_quantize_export_and_generate_through_the_api(app, tmp_path):
+@pytest.mark.slow
+def test_merge_quantize_export_and_generate_through_the_api(app, trained_run, tmp_path):
     """The trained adapter merged (θ + 0.5·s·B·A), the merge quantized, all of it exported and
     found in the workspace; the playground answers with the base and the adapter side by side."""
-    if "trained" not in app:
-        pytest.skip("needs the adapter of test_train_job_through_the_api_to_the_end")
-    client, ws, trained = app["client"], app["ws"], app["trained"]
+    client, ws, trained = app["client"], app["ws"], _trained(trained_run)
     AppError = gradio_client.exceptions.AppError
     sources = [s["value"] for s in client.predict(api_name="/list_sources")]
     assert sources[0] == "default" and f"run:{trained}" in sources
@@ -233,6 +252,7 @@ def test_bad_value_comes_back_readable(app):
         client.predict("nope", api_name="/job_status")
 
 
+@pytest.mark.slow
 def test_paths_outside_the_workspace_are_refused(app, tmp_path):
     client, ws = app["client"], app["ws"]
     outside = tmp_path / "secret.yaml"
@@ -369,6 +389,7 @@ def _call(http: httpx.Client, name: str, data: list):
     raise AssertionError(f"{name}: the event stream ended without an answer")
 
 
+@pytest.mark.slow
 def test_fifty_concurrent_read_only_calls_all_answer_while_a_job_trains(app):
     """50 read-only calls at once (list_runs, list_jobs, job_status, get_run, list_exports), through
     plain HTTP and through gradio_client, while a training job runs: every one answers."""
@@ -475,7 +496,7 @@ def test_login_throttle_locks_an_address_for_a_doubling_time_and_a_success_clear
 def test_sessions_compute_block_configs_only_when_asked(monkeypatch):
     """A new session (each plain-HTTP API call is one) computes no block's configuration; the
     configurations it gives when asked are Gradio's own, updates included."""
-    gr = pytest.importorskip("gradio")
+    import gradio as gr
     from gradio.blocks import BlocksConfig
     from gradio.state_holder import SessionState
 
@@ -508,6 +529,7 @@ def test_sessions_compute_block_configs_only_when_asked(monkeypatch):
     assert next(c for c in lazy.components if c["id"] == name._id)["props"]["value"] == "y"
 
 
+@pytest.mark.slow
 def test_bitsandbytes_cpu_kernel_warning_is_dropped_and_nothing_else():
     import logging
 
@@ -599,7 +621,7 @@ def test_every_page_event_answers_with_its_outputs(workspace, tmp_path, monkeypa
     returns one value per output, in a form its component accepts; the train form's preview puts
     a bad value's error next to its field."""
     monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
-    gr = pytest.importorskip("gradio")
+    import gradio as gr
     from workbench.ui.app import API_NAMES, build_app
     from workbench.ui.service import Service
 
@@ -651,7 +673,7 @@ def test_every_page_event_answers_with_its_outputs(workspace, tmp_path, monkeypa
 def _rendered_forms(service):
     """The page's recipe forms, rendered into a throwaway Blocks (their state logic needs the
     components)."""
-    gr = pytest.importorskip("gradio")
+    import gradio as gr
     from workbench.ui.app import _start_state, make_forms
 
     forms = make_forms(service)
@@ -805,20 +827,10 @@ def test_comparison_reads_every_kind_of_run(workspace):
 
 def _random_lora(base_folder: Path, folder: Path, seed: int) -> Path:
     """A LoRA adapter of the tiny base with B ~ N(0, 0.3²), so that it changes the answers."""
-    import torch
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_folder),
-                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
-    model.peft_config["default"].base_model_name_or_path = str(base_folder)
-    model.save_pretrained(folder)
-    return folder
+    return save_random_lora(AutoModelForCausalLM.from_pretrained(base_folder), folder, r=4, alpha=8,
+                            seed=seed, scale=0.3, base=base_folder)
 
 
 def _random_road(base_folder: Path, folder: Path, seed: int) -> Path:
@@ -838,6 +850,7 @@ def _random_road(base_folder: Path, folder: Path, seed: int) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_evaluating_a_run_fills_in_its_comparison(workspace):
     """The Evaluate button's recipe, run: the adapter against its base, and the comparison of the
     run shows the eval's numbers; a merged model is evaluated against the base it records."""
@@ -924,6 +937,7 @@ def test_exports_are_exact_atomic_and_never_overwrite(workspace):
     assert sorted(p.name for p in (ws.root / "exports").iterdir()) == ["merged"]
 
 
+@pytest.mark.slow
 def test_playground_mixed_batch_answers_as_each_adapter_alone(workspace):
     """Row i of a mixed batch goes through adapter i only: its greedy answer equals that adapter's
     own, as plain PEFT generates it (LoRA and RoAd; the base as __base__)."""

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import shutil
 
-from conftest import tiny_train_recipe
+import pytest
+
+from helpers import tiny_train_recipe
 from workbench.base import DEFAULT_BASE_NAME, run_pretrain
 from workbench.models import resolve_source
 from workbench.recipes import EvalSpec, ModelSpec, PretrainRecipe, TrainSpec, WorldSpec
@@ -25,6 +27,7 @@ def test_default_resolves_to_the_cached_base(workspace):
     assert first.folder == second.folder and len(workspace.runs()) == before
 
 
+@pytest.mark.slow
 def test_same_pretrain_recipe_gives_identical_weights(tmp_path):
     recipe = PretrainRecipe(
         name="repro", world=WorldSpec(size="tiny"), vocab_size=512, architecture="llama-tiny",
@@ -37,6 +40,7 @@ def test_same_pretrain_recipe_gives_identical_weights(tmp_path):
         assert a.path("model", name).read_bytes() == b.path("model", name).read_bytes(), name
 
 
+@pytest.mark.slow
 def test_training_on_a_plain_model_folder(workspace, tmp_path):
     folder = tmp_path / "some-hf-model"
     shutil.copytree(resolve_source("default", workspace).folder, folder)

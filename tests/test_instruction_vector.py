@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import add_noise, random_lora_adapter, tiny_train_recipe
 from workbench.methods import get_method
-from conftest import random_lora_adapter, tiny_train_recipe
 from merge.instruction_vector import instruction_vector_plan
 from workbench.evaluate import evaluate_model
 from workbench.models import ModelSource, build_model_from_config, load_model
@@ -26,12 +26,8 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "instruction-vector
 
 
 def _save_perturbed(folder: Path, seed: int) -> Path:
-    model = build_model_from_config("llama-tiny", vocab_size=VOCAB)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(torch.randn(param.shape, generator=gen) * 0.05)
-    model.save_pretrained(folder, safe_serialization=True)
+    add_noise(build_model_from_config("llama-tiny", vocab_size=VOCAB), seed, 0.05).save_pretrained(
+        folder, safe_serialization=True)
     return folder
 
 
@@ -140,6 +136,7 @@ def test_example_pipeline_validates():
     assert {i.role: i.path for i in merge.inputs} == {"domain": "stage:domain", "instruct": "stage:instruct"}
 
 
+@pytest.mark.slow
 def test_merge_stage_reports_cosine_and_four_columns(workspace, capsys):
     domain = run_train(tiny_train_recipe(name="domain", train__checkpoint_every=0), workspace)
     instruct = run_train(tiny_train_recipe(

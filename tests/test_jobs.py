@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import folder_tensors, tiny_train_recipe
+from helpers import folder_tensors, tiny_train_recipe
 from workbench.jobs import ENV_NICE, JobQueue, display_command, loss_curve
 from workbench.workspace import pid_alive
 from workbench.recipes import RecipeError, recipe_to_yaml
@@ -44,6 +44,7 @@ def _steps(queue: JobQueue, job_id: str) -> int:
     return queue.view(job_id)["step"]
 
 
+@pytest.mark.slow
 def test_one_job_at_a_time_stop_resume_cancel_and_restart(workspace):
     queue = JobQueue(workspace)
     long_job = queue.submit(_yaml(name="long", train__max_steps=LONG, train__checkpoint_every=2),
@@ -109,6 +110,7 @@ def test_one_job_at_a_time_stop_resume_cancel_and_restart(workspace):
         json.loads((workspace.root / "jobs" / name).read_text())
 
 
+@pytest.mark.slow
 def test_bad_recipe_is_not_queued_and_a_failure_is_reported(workspace):
     queue = JobQueue(workspace)
     with pytest.raises(RecipeError, match=r"train\.lr: Input should be greater than 0"):
@@ -144,6 +146,7 @@ def test_queued_job_can_be_cancelled_and_secrets_are_not_inherited(workspace, mo
             assert b"hunter2-secret" not in path.read_bytes(), path
 
 
+@pytest.mark.slow
 def test_export_job_writes_the_folder_or_says_why_not(workspace):
     queue = JobQueue(workspace)
     base = next(r for r in workspace.runs() if r.info["kind"] == "pretrain")

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import tiny_train_recipe
+from helpers import tiny_train_recipe
 from workbench.models import load_model
 from workbench.recipes import ModelSpec
 from workbench.stages import run_train
@@ -21,6 +22,7 @@ def _trained_run(workspace, **changes):
                      workspace)
 
 
+@pytest.mark.slow
 def test_adapter_loads_in_plain_peft_with_identical_logits(workspace):
     run = _trained_run(workspace)
     ours, tokenizer, source = load_model(ModelSpec(path=f"run:{run.id}"), workspace)

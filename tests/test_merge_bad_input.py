@@ -18,13 +18,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, RoadConfig, get_peft_model
+from peft import RoadConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from merge.dense import merge_folders
 from workbench.models import ModelLoadError
-from conftest import folder_tensors
+from helpers import folder_tensors, save_random_lora
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,16 +43,7 @@ def save_model(model, folder: Path, **kwargs) -> Path:
 
 
 def lora_on(base: Path, model, folder: Path, seed: int = 1) -> Path:
-    peft_model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules="all-linear",
-                                                  lora_dropout=0.0))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-    peft_model.peft_config["default"].base_model_name_or_path = str(base)
-    peft_model.save_pretrained(folder)
-    return folder
+    return save_random_lora(model, folder, r=2, alpha=4, seed=seed, base=base)
 
 
 def road_on(base: Path, folder: Path) -> Path:

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import folder_tensors, random_lora_adapter
+from helpers import folder_tensors, lora_updates, random_lora_adapter
 from merge.dense import relative_difference
 from workbench.models import ModelLoadError, build_model_from_config
 from workbench.recipes import MergeInput, MergeRecipe, ModelSpec
@@ -34,10 +33,7 @@ def _base(folder: Path, seed: int, **save_options) -> Path:
 
 def _lora_on(base: str, folder: Path, seed: int) -> Path:
     """A LoRA adapter of llama-tiny's shapes with a non-zero update, recording `base` as its base."""
-    random_lora_adapter(folder, r=2, alpha=4, seed=seed, vocab_size=VOCAB)
-    config = json.loads((folder / "adapter_config.json").read_text())
-    (folder / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": base}))
-    return folder
+    return random_lora_adapter(folder, r=2, alpha=4, seed=seed, vocab_size=VOCAB, base=base)
 
 
 def _relative_difference_by_hand(a: Path, b: Path) -> float:
@@ -45,16 +41,6 @@ def _relative_difference_by_hand(a: Path, b: Path) -> float:
     ta, tb = folder_tensors(a), folder_tensors(b)
     squared_difference = sum(float((ta[k].double() - tb[k].double()).square().sum()) for k in tb)
     return math.sqrt(squared_difference / sum(float(tb[k].double().square().sum()) for k in tb))
-
-
-def _lora_update_by_hand(adapter: Path) -> dict[str, torch.Tensor]:
-    """s·B·A per adapted weight, from the adapter's own files (s = lora_alpha / r)."""
-    config = json.loads((adapter / "adapter_config.json").read_text())
-    scale = config["lora_alpha"] / config["r"]
-    factors = load_file(adapter / "adapter_model.safetensors")
-    return {key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight"):
-            scale * factors[key.replace(".lora_A.", ".lora_B.")] @ factors[key]
-            for key in factors if ".lora_A." in key}
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +102,7 @@ def test_adapters_of_different_bases_are_refused_with_how_far_apart_the_bases_ar
     logged = run.path("run.log").read_text()
     assert _measured(logged) == (pytest.approx(by_hand, rel=1e-3), str(bases["b"]), str(bases["a"]))
     merged, base = folder_tensors(run.path("model")), folder_tensors(bases["a"])
-    updates = [_lora_update_by_hand(bases[k]) for k in ("lora_a", "lora_b")]
+    updates = [lora_updates([(bases[k], 1.0)], torch.float32) for k in ("lora_a", "lora_b")]
     name = "model.layers.1.mlp.up_proj.weight"
     assert torch.allclose(merged[name], base[name] + 0.6 * updates[0][name] + 0.4 * updates[1][name],
                           atol=1e-6), "merged onto base: A"
@@ -148,7 +134,7 @@ def test_explicit_base_wins_over_a_hub_id_the_adapter_records(bases, tmp_path, m
     ws = Workspace(tmp_path / "ws")
 
     offline = run_merge(recipe, ws)  # the tests run with HF_HUB_OFFLINE=1
-    base, update = folder_tensors(bases["a"]), _lora_update_by_hand(adapter)
+    base, update = folder_tensors(bases["a"]), lora_updates([(adapter, 1.0)], torch.float32)
     merged = folder_tensors(offline.path("model"))
     assert sorted(merged) == sorted(base) and len(update) == 14
     for name in base:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, RoadConfig, get_peft_model
+from peft import PeftModel, RoadConfig, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
@@ -24,7 +24,7 @@ from merge.task_vectors import (Cosine, DenseTaskVector, LoraTaskVector, TaskVec
                                 load_task_vector, weighted_sum)
 from adapters.mixda import MixdaSpec
 from adapters.prompt import PromptSpec
-from conftest import folder_tensors
+from helpers import add_noise, folder_tensors, save_random_lora
 
 IDS = torch.tensor([[1, 5, 9, 13, 2, 40, 63, 7]])
 
@@ -61,25 +61,11 @@ def make_road(base: Path, folder: Path, seed: int, variant: str = "road_1", grou
 
 
 def make_lora(base: Path, folder: Path, seed: int) -> Path:
-    model = get_peft_model(load_base(base), LoraConfig(r=2, lora_alpha=4, target_modules="all-linear",
-                                                       lora_dropout=0.0))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(noise(gen, p.shape, 0.2))
-    model.peft_config["default"].base_model_name_or_path = str(base)
-    model.save_pretrained(folder)
-    return folder
+    return save_random_lora(load_base(base), folder, r=2, alpha=4, seed=seed, base=base)
 
 
 def make_full(base: Path, folder: Path, seed: int) -> Path:
-    model = load_base(base)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(noise(gen, p.shape, 0.01))
-    model.save_pretrained(folder)
+    add_noise(load_base(base), seed, 0.01).save_pretrained(folder)
     return folder
 
 
@@ -209,6 +195,7 @@ def test_mixed_road_lora_and_model_merge_is_base_plus_the_dense_deltas(world, tm
         torch.testing.assert_close(got[name], by_hand, atol=2e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_mixed_road_and_lora_through_the_merge_stage(world, tmp_path):
     from workbench.recipes import MergeInput, MergeRecipe, ModelSpec
     from workbench.stages import run_merge
@@ -366,6 +353,7 @@ def pairs(world, tmp_path) -> dict[str, tuple]:
     }
 
 
+@pytest.mark.slow
 def test_cosine_per_tensor_and_overall_equal_the_by_hand_cosine(world, tmp_path):
     for kind, (a, b) in pairs(world, tmp_path).items():
         assert a.kind == b.kind == kind
@@ -407,7 +395,9 @@ def test_weighted_sum_scaling_and_negation_on_every_kind(world, tmp_path):
     torch.testing.assert_close(inverse.theta[layer], torch.zeros_like(road_a.theta[layer]))
     torch.testing.assert_close(inverse.alpha[layer], torch.ones_like(road_a.alpha[layer]))
     assert isinstance(weighted_sum([DenseTaskVector({}), lora_a], [1.0, 1.0]), DenseTaskVector)
-    assert isinstance(lora_a, LoraTaskVector) and isinstance(MixdaTaskVector({}), MixdaTaskVector)
+    mixda_a, mixda_b = pairs(world, tmp_path)["mixda"]
+    assert isinstance(lora_a, LoraTaskVector) and isinstance(mixda_a, MixdaTaskVector)
+    assert isinstance(weighted_sum([mixda_a, mixda_b], [0.7, -0.3]), MixdaTaskVector)
     assert math.isfinite(cosine(pairs(world, tmp_path)["full"][0], lora_a).overall)
 
 

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import workbench.stages as stages
-from conftest import tiny_train_recipe
+from helpers import add_noise, tiny_train_recipe
 from merge.search import choose_point, pareto_front
 from workbench.evaluate import evaluate_model
 from workbench.models import build_model_from_config, load_model
@@ -65,11 +65,7 @@ def tiny_models(tmp_path_factory):
     base = build_model_from_config("llama-tiny", vocab_size=VOCAB)
     base.save_pretrained(root / "base", safe_serialization=True)
     for seed in (1, 2):
-        model = build_model_from_config("llama-tiny", vocab_size=VOCAB)
-        gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for param in model.parameters():
-                param.add_(torch.randn(param.shape, generator=gen) * 0.05)
+        model = add_noise(build_model_from_config("llama-tiny", vocab_size=VOCAB), seed, 0.05)
         model.save_pretrained(root / f"ft{seed}", safe_serialization=True)
     return root
 
@@ -157,6 +153,7 @@ def test_search_recipe_is_validated():
 # The real evaluation: in memory, equal to evaluating the written model
 
 
+@pytest.mark.slow
 def test_in_memory_evaluation_equals_the_written_model(workspace):
     domain = run_train(tiny_train_recipe(name="domain", train__checkpoint_every=0), workspace)
     instruct = run_train(tiny_train_recipe(

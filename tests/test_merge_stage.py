@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import tiny_train_recipe
 from workbench.methods import get_method
-from conftest import tiny_train_recipe
 from workbench.models import load_model
 from workbench.recipes import MergeInput, MergeRecipe, ModelSpec
 from workbench.stages import run_merge, run_train
@@ -24,6 +24,7 @@ def two_adapters(workspace):
     return domain, general
 
 
+@pytest.mark.slow
 def test_merged_model_is_base_plus_weighted_lora_updates(workspace, two_adapters):
     domain, general = two_adapters
     recipe = MergeRecipe(inputs=[MergeInput(path=f"run:{domain.id}", weight=0.7),
@@ -43,6 +44,7 @@ def test_merged_model_is_base_plus_weighted_lora_updates(workspace, two_adapters
     assert "domain_gain_pct" in json.loads(run.path("summary.json").read_text())
 
 
+@pytest.mark.slow
 def test_merged_adapter_has_the_summed_rank_and_the_same_update(workspace, two_adapters):
     domain, general = two_adapters
     recipe = MergeRecipe(output="adapter", inputs=[MergeInput(path=f"run:{domain.id}"),
@@ -77,6 +79,7 @@ def two_full_models(workspace):
     return runs, base, taus
 
 
+@pytest.mark.slow
 def test_full_models_task_arithmetic_by_hand(workspace, two_full_models):
     runs, base, taus = two_full_models
     run = run_merge(MergeRecipe(inputs=[MergeInput(path=f"run:{runs[0].id}", weight=0.5),
@@ -88,6 +91,7 @@ def test_full_models_task_arithmetic_by_hand(workspace, two_full_models):
         assert torch.allclose(merged[name], by_hand, atol=1e-6), name
 
 
+@pytest.mark.slow
 def test_full_models_ties_equals_the_method_on_each_tensor(workspace, two_full_models):
     from merge.methods import merge_tensors
 
@@ -103,6 +107,7 @@ def test_full_models_ties_equals_the_method_on_each_tensor(workspace, two_full_m
     assert 0.25 < kept < 0.7, "trimmed to 30% per model, union of the two kept sets"
 
 
+@pytest.mark.slow
 def test_merge_reports_the_cosine_between_task_vectors(workspace, two_adapters):
     domain, general = two_adapters
     run = run_merge(MergeRecipe(inputs=[MergeInput(path=f"run:{domain.id}"),

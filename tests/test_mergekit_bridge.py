@@ -23,22 +23,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mergekit  # noqa: F401  (in the test extra: these tests fail, not skip, without it)
 import pytest
 import torch
 import yaml
 
-pytest.importorskip("mergekit")
-
-from merge.mergekit_bridge import (MergekitConfigError, MergekitRunError,  # noqa: E402
-                                   MergekitUnsupported, check_mergekit_config, mergekit_parameters,
-                                   run_mergekit_config, to_mergekit_yaml)
-from merge.task_vectors import LoraTaskVector  # noqa: E402
-from workbench.cli import main  # noqa: E402
-from workbench.models import ModelLoadError, ModelSource  # noqa: E402
-from workbench.recipes import MergeInput, MergeRecipe, ModelSpec, RecipeError, parse_recipe  # noqa: E402
-from workbench.stages import run_merge  # noqa: E402
-from workbench.workspace import Workspace  # noqa: E402
-from conftest import folder_tensors
+from helpers import add_noise, folder_tensors, save_random_lora
+from merge.mergekit_bridge import (MergekitConfigError, MergekitRunError, MergekitUnsupported,
+                                   check_mergekit_config, mergekit_parameters, run_mergekit_config,
+                                   to_mergekit_yaml)
+from merge.task_vectors import LoraTaskVector
+from workbench.cli import main
+from workbench.models import ModelLoadError, ModelSource
+from workbench.recipes import MergeInput, MergeRecipe, ModelSpec, RecipeError, parse_recipe
+from workbench.stages import run_merge
+from workbench.workspace import Workspace
 
 TOLERANCE = 1e-6
 VOCAB = 96
@@ -65,31 +64,17 @@ def _family(root: Path, dtype=torch.float32, n: int = 3) -> tuple[Path, list[Pat
     base_folder = _save(base, root / "base", dtype)
     tuned = []
     for i in range(n):
-        model = _llama(0)
-        gen = torch.Generator().manual_seed(100 + i)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn(p.shape, generator=gen) * 0.01 * (i + 1))
+        model = add_noise(_llama(0), seed=100 + i, scale=0.01 * (i + 1))
         tuned.append(_save(model, root / f"tuned-{i}", dtype))
     return base_folder, tuned
 
 
 def _lora(base_folder: Path, folder: Path, seed: int) -> Path:
     """A PEFT LoRA adapter of the base with random (non-zero) A and B."""
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base_folder)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
-                                                  target_modules=["q_proj", "v_proj", "up_proj"]))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
-    peft_model.save_pretrained(folder, safe_serialization=True)
-    return folder
-
+    return save_random_lora(AutoModelForCausalLM.from_pretrained(base_folder), folder, r=4, alpha=8,
+                            seed=seed, scale=0.1, target_modules=["q_proj", "v_proj", "up_proj"])
 
 
 def _max_diff(ours: Path, theirs: Path) -> float:
@@ -229,6 +214,7 @@ def _command_in_comment(mergekit_yaml: Path) -> list[str]:
     return shlex.split(commands[0])
 
 
+@pytest.mark.slow
 def test_the_command_written_beside_a_lora_merge_runs_and_gives_our_model(family, tmp_path):
     """mergekit-yaml merges `base+lora` references only with --lora-merge-cache; the command in the
     comment is run as written (from the run folder, with mergekit's own CLI) and must give our model."""
@@ -351,6 +337,7 @@ def test_lora_that_mergekit_cannot_merge_exactly_is_refused(family, tmp_path):
 # mergekit YAML as a stage
 
 
+@pytest.mark.slow
 def test_mergekit_stage_in_a_pipeline_with_stage_refs(workspace, tmp_path, capsys):
     """`workbench run` of a pipeline: train a LoRA, then a mergekit YAML file that refers to it as
     `stage:lora` (a LoRA run stands for mergekit's base+lora) and to the embedded base."""

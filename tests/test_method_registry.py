@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import folder_tensors, tiny_train_recipe
+from helpers import folder_tensors, tiny_train_recipe
 from workbench import methods
 from workbench.recipes import parse_recipe
 from workbench.sections import Strict

@@ -232,8 +232,9 @@ def test_task_vector_arithmetic(tmp_path):
 # Runs: stage 1 on the embedded world's domain text, stage 2 on its instruction data
 
 
+@pytest.mark.slow
 def test_stage_1_learns_the_domain_and_stage_2_trains_gate_and_task_lora(workspace):
-    from conftest import tiny_train_recipe
+    from helpers import tiny_train_recipe
     from workbench.models import load_model
     from workbench.recipes import EvalSpec, ModelSpec
     from workbench.stages import run_train

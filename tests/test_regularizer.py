@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from adapters.regularizer import (IMPORTANCE_FILE, ImportanceError, ImportanceRecorder,
                                   layer_coefficients, make_penalty)
-from conftest import tiny_train_recipe
+from helpers import tiny_train_recipe
 from workbench.evaluate import text_metrics
 from workbench.data import read_texts
 from workbench.models import load_model
@@ -62,6 +62,7 @@ def _domain_run(workspace, phi, name, **regularizer):
         train__regularizer={"phi": phi, "steps": 8, **regularizer}), workspace)
 
 
+@pytest.mark.slow
 def test_penalty_reduces_general_forgetting_and_importance_is_reused(workspace):
     free = _domain_run(workspace, 0.0, "free")
     held = _domain_run(workspace, 1000.0, "held")

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from workbench.methods import get_method
 from adapters.road import RoadError, RoadTaskVector, load_many, merge_into_weights
-from conftest import tiny_train_recipe
+from helpers import tiny_train_recipe
 from workbench.export import save_model_folder
 from workbench.models import load_model
 from adapters.road import RoadSpec
@@ -65,6 +65,7 @@ def test_group_size_must_divide_every_adapted_width():
         get_method("road").attach(model, RoadSpec(target_modules=["nothing_here"]))
 
 
+@pytest.mark.slow
 def test_trained_adapter_loads_in_plain_peft_and_merges_into_weights(workspace, tmp_path):
     run = run_train(tiny_train_recipe(adapter={"method": "road"}, train__lr=2e-2,
                                       train__max_steps=4, train__checkpoint_every=0), workspace)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from conftest import tiny_train_recipe
+from helpers import tiny_train_recipe
 from workbench import engine
 from workbench.base import DEFAULT_BASE_NAME
 from workbench.cli import main
@@ -55,6 +55,7 @@ def _metric_rows(steps) -> str:
 # A torn last line in metrics.jsonl
 
 
+@pytest.mark.slow
 def test_torn_metrics_line_is_skipped_noted_once_and_resume_gives_the_uninterrupted_curve(
         workspace, monkeypatch, capsys):
     reference = run_train(tiny_train_recipe(name="reference"), workspace)

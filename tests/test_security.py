@@ -158,7 +158,8 @@ def test_every_recipe_field_that_names_a_file_goes_through_the_resolver(world):
 def test_paths_inside_referenced_files_are_checked_too(world):
     """A mergekit config file that names an outside model is refused as the same config inline
     is; so is an adapter whose config names an outside base, and a model folder with a link out."""
-    pytest.importorskip("mergekit")
+    import mergekit  # noqa: F401  (reads the mergekit config; in the test extra)
+
     from workbench.models import ModelLoadError, resolve_source
 
     w, o = world
@@ -276,7 +277,7 @@ def test_a_job_worker_of_the_app_refuses_remote_code(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     """The app over an empty workspace beside an outside folder, with a password, on 127.0.0.1."""
-    gradio_client = pytest.importorskip("gradio_client")
+    import gradio_client
 
     top = tmp_path_factory.mktemp("security")
     ws, outside = top / "W", top / "O"
@@ -302,6 +303,7 @@ def test_app_refuses_remote_code_from_the_browser(app, tmp_path):
     assert not marker.exists() and not (ws / "runs").exists()
 
 
+@pytest.mark.slow
 def test_app_checks_paths_inside_a_saved_mergekit_config(app):
     client, ws, outside = app["client"], app["ws"], app["outside"]
     config = yaml.safe_dump({"merge_method": "linear",

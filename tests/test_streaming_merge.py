@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from merge.streaming import merge_lora_into_base
 from workbench.models import build_model_from_config
-from conftest import folder_tensors, random_lora_adapter
+from helpers import folder_tensors, lora_updates, random_lora_adapter
 
 VOCAB = 64
 INPUT_IDS = torch.tensor([[1, 5, 9, 13, 2, 40, 63, 7]])
@@ -29,24 +28,6 @@ def setup(tmp_path_factory):
     first = random_lora_adapter(root / "first", r=2, alpha=4, use_rslora=False, seed=1)
     second = random_lora_adapter(root / "second", r=4, alpha=8, use_rslora=True, seed=2)
     return root, base, first, second
-
-
-def _hand_updates(adapters) -> dict[str, torch.Tensor]:
-    """Σ w·s·B·A per weight, read directly from the adapters' files."""
-    total: dict[str, torch.Tensor] = {}
-    for folder, weight in adapters:
-        config = json.loads((folder / "adapter_config.json").read_text())
-        r, alpha = config["r"], config["lora_alpha"]
-        scale = alpha / math.sqrt(r) if config["use_rslora"] else alpha / r
-        raw = load_file(folder / "adapter_model.safetensors")
-        for key, a in raw.items():
-            if ".lora_A." not in key:
-                continue
-            b = raw[key.replace(".lora_A.", ".lora_B.")]
-            name = key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
-            term = weight * scale * (b.float() @ a.float())
-            total[name] = total[name] + term if name in total else term
-    return total
 
 
 def _logits(folder_or_model) -> torch.Tensor:
@@ -66,7 +47,7 @@ def test_merged_weights_match_hand_computation(setup):
     adapters = [(first, 0.7), (second, -0.3)]
     out = merge_lora_into_base(base, adapters, root / "merged_weights")
     merged, original = folder_tensors(out), load_file(base / "model.safetensors")
-    updates = _hand_updates(adapters)
+    updates = lora_updates(adapters, torch.float32)
     assert set(merged) == set(original)
     assert len(updates) == 14  # 7 linear layers × 2 decoder layers
     for name, tensor in original.items():
@@ -90,7 +71,7 @@ def test_merged_folder_loads_with_expected_logits(setup):
     out = merge_lora_into_base(base, adapters, root / "merged_logits")
     reference = AutoModelForCausalLM.from_pretrained(base)
     with torch.no_grad():
-        for name, update in _hand_updates(adapters).items():
+        for name, update in lora_updates(adapters, torch.float32).items():
             reference.get_parameter(name).add_(update)
     torch.testing.assert_close(_logits(out), _logits(reference), atol=1e-5, rtol=0)
 
@@ -176,7 +157,7 @@ def test_extra_deltas_are_added(setup):
     extra = torch.full(original[name].shape, 0.25)
     out = merge_lora_into_base(base, [(first, 0.5)], root / "merged_extra",
                                extra_deltas=lambda n: extra if n == name else None)
-    expected = original[name] + _hand_updates([(first, 0.5)])[name] + extra
+    expected = original[name] + lora_updates([(first, 0.5)], torch.float32)[name] + extra
     torch.testing.assert_close(load_file(out / "model.safetensors")[name], expected, atol=1e-6, rtol=0)
 
 
@@ -213,7 +194,7 @@ def test_bfloat16_base_keeps_its_dtype(setup, tmp_path):
         base, safe_serialization=True)
     out = merge_lora_into_base(base, [(first, 1.0)], tmp_path / "merged_bf16")
     merged, original = load_file(out / "model.safetensors"), load_file(base / "model.safetensors")
-    updates = _hand_updates([(first, 1.0)])
+    updates = lora_updates([(first, 1.0)], torch.float32)
     for name, tensor in original.items():
         assert merged[name].dtype == torch.bfloat16
         expected = (tensor.float() + updates[name]).to(torch.bfloat16) if name in updates else tensor
@@ -231,7 +212,7 @@ def test_concatenated_adapter_equals_weighted_sum(setup):
     concat = lora_concat_adapter(adapters, root / "concat")
     config = json.loads((concat / "adapter_config.json").read_text())
     assert config["r"] == 6 and config["lora_alpha"] == 6 and not config["use_rslora"]
-    expected, got = _hand_updates(adapters), _hand_updates([(concat, 1.0)])
+    expected, got = lora_updates(adapters, torch.float32), lora_updates([(concat, 1.0)], torch.float32)
     assert set(got) == set(expected)
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=0)

@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import random_lora_adapter, tiny_train_recipe
+from helpers import lora_updates, random_lora_adapter, tiny_train_recipe
 from merge.svd import svd_truncated_adapter, truncate_factored
 from workbench.models import build_model_from_config
 from workbench.recipes import MergeInput, MergeRecipe
@@ -20,23 +18,6 @@ from workbench.stages import run_merge, run_train
 
 VOCAB = 64
 
-
-
-def _updates(adapters) -> dict[str, torch.Tensor]:
-    """Σ w·s·B·A per weight in float64, read from the adapter files."""
-    total: dict[str, torch.Tensor] = {}
-    for folder, weight in adapters:
-        config = json.loads((Path(folder) / "adapter_config.json").read_text())
-        r, alpha = config["r"], config["lora_alpha"]
-        scale = alpha / math.sqrt(r) if config["use_rslora"] else alpha / r
-        raw = load_file(Path(folder) / "adapter_model.safetensors")
-        for key, a in raw.items():
-            if ".lora_A." in key:
-                b = raw[key.replace(".lora_A.", ".lora_B.")]
-                name = key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
-                term = weight * scale * (b.double() @ a.double())
-                total[name] = total[name] + term if name in total else term
-    return total
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +63,7 @@ def test_lower_rank_is_the_best_rank_k_approximation(setup):
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["r"] == 3 and config["lora_alpha"] == 3 and not config["use_rslora"]
     assert report.rank == 3 and report.exact_rank == 6
-    exact, truncated = _updates(adapters), _updates([(out, 1.0)])
+    exact, truncated = lora_updates(adapters, torch.float64), lora_updates([(out, 1.0)], torch.float64)
     assert set(truncated) == set(exact) == set(report.per_tensor) and len(exact) == 14
     tails, norms = 0.0, 0.0
     for name, update in exact.items():
@@ -96,6 +77,7 @@ def test_lower_rank_is_the_best_rank_k_approximation(setup):
     assert json.loads((out / "truncation.json").read_text())["relative_error"] == report.overall
 
 
+@pytest.mark.slow
 def test_truncated_adapter_loads_in_plain_peft(setup):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -107,7 +89,7 @@ def test_truncated_adapter_loads_in_plain_peft(setup):
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out).eval()
     reference = AutoModelForCausalLM.from_pretrained(base).eval()
     with torch.no_grad():
-        for name, update in _updates([(out, 1.0)]).items():
+        for name, update in lora_updates([(out, 1.0)], torch.float64).items():
             reference.get_parameter(name).add_(update.float())
         torch.testing.assert_close(peft_model(ids).logits, reference(ids).logits, atol=1e-5, rtol=0)
 
@@ -122,24 +104,25 @@ def test_rank_must_be_below_the_sum_and_output_must_be_new(setup):
         svd_truncated_adapter(adapters, root / "taken", rank=2)
 
 
+@pytest.mark.slow
 def test_merge_stage_writes_exact_or_truncated_adapters(workspace):
     domain = run_train(tiny_train_recipe(name="domain", train__checkpoint_every=0), workspace)
     general = run_train(tiny_train_recipe(name="general", seed=1, train__checkpoint_every=0,
                                           data__train="world:general_train"), workspace)
     inputs = [MergeInput(path=f"run:{domain.id}", weight=0.6), MergeInput(path=f"run:{general.id}")]
     pairs = [(domain.path("adapter"), 0.6), (general.path("adapter"), 1.0)]
-    exact = _updates(pairs)
+    exact = lora_updates(pairs, torch.float64)
 
     full = run_merge(MergeRecipe(inputs=inputs, output="adapter", rank=8), workspace)  # 4 + 4
     assert json.loads(full.path("adapter", "adapter_config.json").read_text())["r"] == 8
     assert "truncation" not in full.info["summary"]
-    got = _updates([(full.path("adapter"), 1.0)])
+    got = lora_updates([(full.path("adapter"), 1.0)], torch.float64)
     for name, update in exact.items():
         torch.testing.assert_close(got[name], update, atol=1e-6, rtol=0)
 
     cut = run_merge(MergeRecipe(inputs=inputs, output="adapter", rank=3), workspace)
     truncation = cut.info["summary"]["truncation"]
-    got = _updates([(cut.path("adapter"), 1.0)])
+    got = lora_updates([(cut.path("adapter"), 1.0)], torch.float64)
     assert truncation["rank"] == 3 and truncation["exact_rank"] == 8
     assert set(truncation["per_tensor"]) == set(exact)
     for name, update in exact.items():

@@ -4,44 +4,34 @@ from the Merge form, reload the page and still find the runs. Screenshots of eve
 $WORKBENCH_TEST_ARTIFACTS/ui_browser (or the test's temporary folder).
 
 Uses the system's Chromium (/usr/bin/chromium); nothing is downloaded. Skipped, with the reason,
-where Playwright or Chromium is missing.
+where Chromium is missing (Playwright itself is in the test extra).
 """
 
 from __future__ import annotations
 
 import os
 import re
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import tiny_train_recipe
+from helpers import copy_linked_runs, served_app, tiny_train_recipe
 from workbench.recipes import recipe_to_yaml
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run"]
-ROOT = Path(__file__).resolve().parents[1]
 JOB_TIMEOUT_MS = 150_000
 DONE = re.compile(r"(^|\s)done · job ")  # the job panel's first line once the job has finished
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def sync_api():
-    api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed")
+    from playwright import sync_api  # in the test extra: without it this fails, not skips
+
     if not CHROMIUM.is_file():
         pytest.skip(f"no Chromium at {CHROMIUM} (install Debian's chromium package)")
-    return api
+    return sync_api
 
 
 @pytest.fixture
@@ -54,39 +44,14 @@ def artifacts(tmp_path) -> Path:
 
 @pytest.fixture
 def served(workspace, tmp_path):
-    """The app over a workspace with the tiny base and recipes/tiny.yaml, on a free port."""
-    import httpx
-
+    """The app over a workspace with (a copy of) the tiny base and recipes/tiny.yaml, on a free
+    port."""
+    copy_linked_runs(workspace)
     (workspace.root / "recipes").mkdir()
     (workspace.root / "recipes" / "tiny.yaml").write_text(
         recipe_to_yaml(tiny_train_recipe(name="browser-lora")))
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("WORKBENCH_AUTH", "GRADIO_SERVER_PORT")}
-    env["WORKBENCH_WORKER_NICE"] = "0"
-    log_path = tmp_path / "app.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port),
-                                    "--workspace", str(workspace.root)], cwd=tmp_path, env=env,
-                                   stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 120
-    try:
-        while True:
-            assert process.poll() is None, log_path.read_text()
-            try:
-                if httpx.get(url, timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the app did not answer within 120 s"
-            time.sleep(0.3)
+    with served_app(workspace.root, tmp_path / "app.log") as url:
         yield {"url": url, "ws": workspace}
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 def _pick(page, label: str, value: str) -> None:
@@ -97,6 +62,7 @@ def _pick(page, label: str, value: str) -> None:
     box.press("Enter")
 
 
+@pytest.mark.slow
 def test_train_from_the_form_watch_the_loss_merge_and_find_it_after_a_reload(sync_api, served,
                                                                               artifacts):
     expect = sync_api.expect

@@ -159,6 +159,7 @@ def test_cloze_facts_are_stated_in_training(world):
             assert _times_stated(fact, sentences) >= 2, fact
 
 
+@pytest.mark.slow
 def test_cloze_form_is_seen_in_default_training():
     big = generate_world(0)
     cases = ((big.general_cloze_eval, big.general_train), (big.domain_cloze_eval, big.domain_train))
