@@ -49,6 +49,11 @@ def app(base_workspace, tmp_path_factory):
         yield {"url": url, "client": client, "ws": ws, "base": base}
 
 
+def _client(app):
+    """A new gradio_client logged in to the app (its own session and event stream)."""
+    return gradio_client.Client(app["url"], auth=(USER, PASSWORD), verbose=False, download_files=False)
+
+
 def _session(app) -> httpx.Client:
     """An HTTP session logged in like a browser."""
     session = httpx.Client(base_url=app["url"], timeout=10)
@@ -407,13 +412,16 @@ def test_fifty_concurrent_read_only_calls_all_answer_while_a_job_trains(app):
             time.sleep(0.5)
         calls = [("list_runs", []), ("list_jobs", []), ("job_status", [job["id"]]),
                  ("get_run", [status["current_run"]]), ("list_exports", [])] * (count // 5)
+        # one gradio_client per caller, as 50 scripts would be (logged in one after the other): calls
+        # sharing one client share its event stream, which gradio_client closes under some of them
+        clients = [_client(app) for _ in calls]
         limits = httpx.Limits(max_connections=count, max_keepalive_connections=count)
         cookies = _session(app).cookies
         with httpx.Client(base_url=app["url"], timeout=timeout, limits=limits, cookies=cookies) as http, \
                 ThreadPoolExecutor(max_workers=count) as pool:
             by_http = [pool.submit(_call, http, name, data) for name, data in calls]
-            by_client = [pool.submit(lambda n, d: client.submit(*d, api_name=f"/{n}").result(timeout),
-                                     name, data) for name, data in calls]
+            by_client = [pool.submit(lambda c, n, d: c.predict(*d, api_name=f"/{n}"), c, name, data)
+                         for c, (name, data) in zip(clients, calls)]
             answers = [f.result(timeout=2 * timeout) for f in by_http + by_client]
         for (name, _), answer in zip(calls * 2, answers):
             if name == "job_status":
