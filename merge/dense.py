@@ -38,8 +38,6 @@ from pathlib import Path
 
 import torch
 
-from adapters.full import FullModelDelta  # noqa: F401 - each method's dense reader, used below
-from adapters.lora import LoraDelta  # noqa: F401
 from adapters.road import RoadDelta
 from workbench.io import FLOAT_DTYPES, ShardReader, all_finite, model_layout
 

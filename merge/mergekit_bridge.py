@@ -574,7 +574,7 @@ def mergekit_parameters(method: str, params: dict, weights: list[float]) -> tupl
 def _check_lora_is_exact(folder: Path) -> None:
     """mergekit's `model+lora` is PEFT's merge_and_unload: W + s·B·A exactly when the adapter is a
     plain LoRA of linear layers (no DoRA, no fan_in_fan_out, no extra trained tensors)."""
-    from merge.streaming import check_adapter_format
+    from adapters.lora import check_adapter_format
 
     try:
         check_adapter_format(Path(folder))

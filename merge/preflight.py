@@ -221,7 +221,7 @@ def check_merge_inputs(base_folder: Path, inputs: list[Path], trained_on: list, 
     `inputs` are the input folders (adapter or model), `trained_on` the model folder each was
     trained on where known (for an adapter its base, for a model itself, or None).
     """
-    from .streaming import model_layout
+    from workbench.io import model_layout
 
     base_folder = Path(base_folder)
     inputs = [Path(f) for f in inputs]

@@ -42,8 +42,7 @@ import torch
 from safetensors.torch import save_file
 
 from adapters.lora import check_adapter_format
-from workbench.io import (FLOAT_DTYPES, ShardReader, all_finite, atomic_folder, model_layout,  # noqa: F401
-                          write_sharded)
+from workbench.io import FLOAT_DTYPES, ShardReader, all_finite, atomic_folder, model_layout, write_sharded
 from workbench.progress import phase as progress_phase
 from workbench.task_vector import LoraTaskVector
 

@@ -30,9 +30,7 @@ from pathlib import Path
 
 
 from workbench.methods import method_of_folder
-from workbench.task_vector import (  # noqa: F401 - the weight-space vectors, used here and re-exported
-    WEIGHT_SPACE, DenseTaskVector, LoraTaskVector, TaskVector, TaskVectorError, check_same_space,
-    check_weight)
+from workbench.task_vector import LoraTaskVector, TaskVectorError, check_same_space
 
 
 

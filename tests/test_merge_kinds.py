@@ -19,9 +19,9 @@ from adapters.mixda import MixdaMethod, MixdaTaskVector
 from adapters.prompt import PromptMethod, TaskPromptVector, set_prompt
 from adapters.road import RoadTaskVector, merge_into_weights
 from merge.dense import RoadDelta, merge_folders
-from merge.streaming import model_layout
-from merge.task_vectors import (Cosine, DenseTaskVector, LoraTaskVector, TaskVectorError, cosine,
-                                load_task_vector, weighted_sum)
+from workbench.io import model_layout
+from merge.task_vectors import Cosine, cosine, load_task_vector, weighted_sum
+from workbench.task_vector import DenseTaskVector, LoraTaskVector, TaskVectorError
 from adapters.mixda import MixdaSpec
 from adapters.prompt import PromptSpec
 from helpers import add_noise, folder_tensors, save_random_lora
@@ -408,6 +408,7 @@ def test_weighted_sum_scaling_and_negation_on_every_kind(world, tmp_path):
 def test_task_arithmetic_by_blocks_of_rows_is_the_whole_tensor_merge(world, tmp_path, monkeypatch):
     """With blocks of a few rows (uneven last block), base + λ(w_l·s·B·A + w_f·(θ_full − θ_base))
     equals the merge of whole tensors and the sum by hand."""
+    import adapters.full
     import merge.dense
     import merge.streaming
 
@@ -415,13 +416,13 @@ def test_task_arithmetic_by_blocks_of_rows_is_the_whole_tensor_merge(world, tmp_
     inputs = [(lora, -0.4), (full, 0.5)]
     whole = merge_folders(base, inputs, tmp_path / "whole", parameters={"scale": 1.5})
     blocks_read = []
-    real_call = merge.dense.FullModelDelta.__call__
+    real_call = adapters.full.FullModelDelta.__call__
 
     def recording_call(self, name, rows=None):
         blocks_read.append((name, rows))
         return real_call(self, name, rows)
 
-    monkeypatch.setattr(merge.dense.FullModelDelta, "__call__", recording_call)
+    monkeypatch.setattr(adapters.full.FullModelDelta, "__call__", recording_call)
     monkeypatch.setattr(merge.streaming, "BLOCK_ELEMENTS", 100)
     by_blocks = merge_folders(base, inputs, tmp_path / "blocks", parameters={"scale": 1.5})
 

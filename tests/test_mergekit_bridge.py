@@ -32,7 +32,7 @@ from helpers import add_noise, folder_tensors, save_random_lora
 from merge.mergekit_bridge import (MergekitConfigError, MergekitRunError, MergekitUnsupported,
                                    check_mergekit_config, mergekit_parameters, run_mergekit_config,
                                    to_mergekit_yaml)
-from merge.task_vectors import LoraTaskVector
+from workbench.task_vector import LoraTaskVector
 from workbench.cli import main
 from workbench.models import ModelLoadError, ModelSource
 from workbench.recipes import MergeInput, MergeRecipe, ModelSpec, RecipeError, parse_recipe

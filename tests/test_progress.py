@@ -15,7 +15,7 @@ from workbench import progress
 from workbench.jobs import JobQueue, loss_curve
 from workbench.recipes import recipe_to_yaml
 from workbench.stages import run_recipe
-from workbench.workspace import read_jsonl
+from workbench.io import read_jsonl
 
 
 def _passes(events: list[dict], phase: str) -> list[list[dict]]:
@@ -83,7 +83,7 @@ def test_train_merge_quantize_and_eval_runs_write_progress_events(workspace):
     layers (RTN) and blocks (FlexRound) quantized, batches evaluated."""
     from test_quant_export import tiny_quantize_recipe
 
-    from merge.streaming import model_layout
+    from workbench.io import model_layout
     from workbench.recipes import EvalRecipe, EvalSpec, MergeRecipe, ModelSpec
 
     train = run_recipe(tiny_train_recipe(), workspace)

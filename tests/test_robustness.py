@@ -22,7 +22,8 @@ from workbench.jobs import loss_curve
 from workbench.models import ModelLoadError, load_model
 from workbench.recipes import ModelSpec
 from workbench.stages import run_train
-from workbench.workspace import JsonlError, Workspace
+from workbench.io import JsonlError
+from workbench.workspace import Workspace
 
 NO_SUCH_PID = 2**22 + 12345
 TORN = '{"step": 5, "loss": 1.2'

@@ -255,7 +255,7 @@ def test_readers_share_a_tensor_while_it_is_alive_and_never_serve_a_changed_file
     import gc
     import weakref
 
-    from merge.streaming import ShardReader, model_layout
+    from workbench.io import ShardReader, model_layout
 
     _, base, _, _ = setup
     folder = tmp_path / "model"

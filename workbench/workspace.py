@@ -20,8 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .io import WriteFailed, write_atomic, write_json
-from .io import (JsonlError, cut_torn_tail, read_jsonl, read_jsonl_numbered,  # noqa: F401
-                 torn_line_message)
+from .io import cut_torn_tail, read_jsonl
 from .resolver import RUN_ID
 
 ENV_HOME = "WORKBENCH_HOME"

@@ -19,11 +19,11 @@ from typing import Any
 import yaml
 
 from .. import exporting
-from ..io import write_atomic
+from ..io import JsonlError, write_atomic
 from ..jobs import JobError, JobQueue
 from ..recipes import KINDS, RecipeError, parse_recipe, recipe_to_yaml
 from ..resolver import PathRefused, Resolver, using
-from ..workspace import JsonlError, RunNotFound, Workspace, headline
+from ..workspace import RunNotFound, Workspace, headline
 from ..yamlio import MAX_YAML_BYTES, YamlRefused, load_yaml
 from ..world import SPLITS, TOPIC_SPLITS
 from . import compare, paths
