@@ -29,6 +29,7 @@ class FullMethod:
     spec = FullSpec
     label = "full model"
     config_files = ("config.json",)
+    output = "model"  # the run saves a whole model folder, not an adapter
 
 
     def check_against_base(self, folder: Path, base_layout: dict, base_folder: Path) -> None:

@@ -52,6 +52,7 @@ from torch import nn
 
 from workbench.data import IGNORE
 from workbench.io import atomic_folder, read_json_object, tensor_header
+from workbench.methods import ModelState
 from workbench.sections import ModelRef, Strict
 
 from .lora import PEFT_TASK_TYPES, LoraSpec, save_peft_folder
@@ -62,7 +63,7 @@ TASKS = ("causal-lm", "masked-lm", "sequence-classification", "feature-extractio
 MLM_HEAD_NAMES = ("cls", "lm_head")  # BERT, RoBERTa
 HEAD_NAMES = ("score", "classifier")
 CONFIG_FILE, WEIGHTS_FILE, LORA_FOLDER = "mixda_config.json", "mixda.safetensors", "task_lora"
-META_ATTR = "_mixda_meta"
+MIXDA_STATE = ModelState("MixDA layers (stage, task, sources)")
 
 
 class MixdaSpec(Strict):
@@ -439,8 +440,8 @@ class MixdaMethod:
         mlm_head = task == "masked-lm" and not _checkpoint_has_mlm_head(base)
         if task == "masked-lm":
             _mlm_head(base)
-        setattr(base, META_ATTR, {"stage": spec.stage, "task": task, "sources": sources,
-                                  "mlm_head": mlm_head})
+        MIXDA_STATE.set(base, {"stage": spec.stage, "task": task, "sources": sources,
+                               "mlm_head": mlm_head})
         _set_trainable(model, spec.stage, task, mlm_head=mlm_head)
         return model
 
@@ -494,9 +495,9 @@ class MixdaMethod:
         """Write config, MixDA tensors, the task LoRA (stage 2) and the tokenizer, atomically."""
         folder = Path(folder)
         base = _unwrap(model)
-        meta = getattr(base, META_ATTR, None)
-        if meta is None or not mixda_layers(base):
+        if not MIXDA_STATE.has(base) or not mixda_layers(base):
             raise MixdaError("the model has no MixDA layers to save")
+        meta = MIXDA_STATE.get(base)
         has_lora = meta["stage"] == 2 and hasattr(model, "peft_config")
         with atomic_folder(folder, overwrite=True) as tmp:
             save_file(_mixda_tensors(base, meta["task"], meta.get("mlm_head", False)),
@@ -572,8 +573,8 @@ def load(model: nn.Module, folder: Path, trainable: bool = False) -> nn.Module:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, folder / LORA_FOLDER, is_trainable=trainable)
-    setattr(base, META_ATTR, {"stage": config["stage"], "task": config["task"],
-                              "sources": config.get("domain_adapters", []), "mlm_head": mlm_head})
+    MIXDA_STATE.set(base, {"stage": config["stage"], "task": config["task"],
+                           "sources": config.get("domain_adapters", []), "mlm_head": mlm_head})
     _set_trainable(model, config["stage"], config["task"], on=trainable, mlm_head=mlm_head)
     return model
 

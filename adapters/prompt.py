@@ -30,6 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from workbench.io import read_json_object, tensor_header
+from workbench.methods import ModelState
 from workbench.models import embedding_fingerprint
 from workbench.sections import DataRef, ModelRef, Strict
 
@@ -40,6 +41,24 @@ PROMPT_KEY = "prompt_embeddings"  # PEFT's key for the soft prompt
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "tokenizer.model", "added_tokens.json")
 MAX_SEARCH = 64  # combinations tried by the λ search at most
+
+
+@dataclass
+class PromptState:
+    """What a prompt-tuning run keeps beside its model: P_init (saved beside PEFT's folder), its
+    metadata, and the earlier runs' vectors it started from (for the λ search)."""
+
+    init: torch.Tensor
+    meta: dict[str, str]
+    vectors: list
+
+
+PROMPT_STATE = ModelState("task prompt (P_init)")
+
+
+def initial_prompt_of(model: torch.nn.Module) -> torch.Tensor:
+    """P_init of a model the prompt method attached itself to."""
+    return PROMPT_STATE.get(model).init
 
 
 class PromptInit(Strict):
@@ -278,20 +297,19 @@ class PromptMethod(PeftSaved):
         model = get_peft_model(model, config)
         start = init + combine(vectors, [i.weight for i in spec.init_from]).tau if vectors else init
         set_prompt(model, start)
-        model.prompt_init = init  # saved beside PEFT's folder
-        model.prompt_meta = {"model": fingerprint, "init_seed": str(spec.init_seed),
-                             "num_virtual_tokens": str(spec.num_virtual_tokens)}
-        model.prompt_vectors = vectors
+        PROMPT_STATE.set(model, PromptState(
+            init, {"model": fingerprint, "init_seed": str(spec.init_seed),
+                   "num_virtual_tokens": str(spec.num_virtual_tokens)}, vectors))
         return model
 
     def prepare(self, model, spec: PromptSpec, validation) -> dict:
         """The λ search (when `lambda_grid` is set): returns what to record in the run summary."""
-        if not spec.lambda_grid or not model.prompt_vectors:
+        state = PROMPT_STATE.get(model)
+        if not spec.lambda_grid or not state.vectors:
             return {}
         rows = validation.inputs[:spec.lambda_rows], validation.labels[:spec.lambda_rows]
-        best, table = search_lambdas(model, model.prompt_init, model.prompt_vectors,
-                                     spec.lambda_grid, *rows)
-        set_prompt(model, model.prompt_init + combine(model.prompt_vectors, best).tau)
+        best, table = search_lambdas(model, state.init, state.vectors, spec.lambda_grid, *rows)
+        set_prompt(model, state.init + combine(state.vectors, best).tau)
         return {"lambda_search": table, "lambdas": best}
 
     def trainable_parameters(self, model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -300,8 +318,9 @@ class PromptMethod(PeftSaved):
     def save(self, model, tokenizer, folder: Path, base_ref: str) -> None:
         """PEFT's prompt-tuning folder plus `prompt_init.safetensors` (P_init and its metadata)."""
         save_peft_folder(model, tokenizer, folder, base_ref)
-        save_file({"prompt_init": model.prompt_init.contiguous()}, Path(folder) / INIT_FILE,
-                  metadata=model.prompt_meta)
+        state = PROMPT_STATE.get(model)
+        save_file({"prompt_init": state.init.contiguous()}, Path(folder) / INIT_FILE,
+                  metadata=state.meta)
 
     def task_vector(self, folder: Path, base_folder: Path | None = None) -> TaskPromptVector:
         return TaskPromptVector.from_folder(folder)

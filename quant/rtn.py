@@ -27,9 +27,11 @@ from dataclasses import dataclass
 from typing import Callable, Literal
 
 import torch
+from pydantic import ConfigDict, Field, field_validator
 
 from workbench.io import nonfinite_counts
 from workbench.progress import phase as progress_phase
+from workbench.sections import Strict
 
 Granularity = Literal["tensor", "channel", "group"]
 Clipping = Literal["minmax", "search"]
@@ -44,25 +46,28 @@ class QuantError(ValueError):
     """Quantization asked for something impossible; the message names the setting or tensor."""
 
 
-@dataclass(frozen=True)
-class WeightQuantSpec:
-    """How weights are quantized: bit width, symmetry, granularity and range choice."""
+class WeightQuantSpec(Strict):
+    """The weight grid, one definition for recipes (`quantize.weights`) and Python callers:
+    Ŵ = s·(q − z), q ∈ [0, 2ᵇ − 1], one (s, z) per group. Built directly, a bad value raises
+    pydantic's ValidationError (a ValueError) naming the field."""
 
-    bits: int = 4
-    symmetric: bool = False
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    bits: int = Field(4, ge=2, le=8)
+    symmetric: bool = Field(
+        True, description="z = 2ᵇ⁻¹ (compressed-tensors' W4A16). Asymmetric per-channel or group "
+        "grids export in the format compressed-tensors writes, but the installed transformers + "
+        "compressed-tensors cannot load those folders back (see quant/export.py).")
     granularity: Granularity = "channel"
-    group_size: int = 128
+    group_size: int = Field(128, ge=1, description="Inputs per group (granularity: group).")
     clipping: Clipping = "minmax"
 
-    def __post_init__(self):
-        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
-            raise QuantError(f"bits must be an integer from 2 to 8 (got {self.bits!r})")
-        if self.granularity not in ("tensor", "channel", "group"):
-            raise QuantError(f"granularity must be tensor, channel or group (got {self.granularity!r})")
-        if self.granularity == "group" and (not isinstance(self.group_size, int) or self.group_size < 1):
-            raise QuantError(f"group_size must be a positive integer (got {self.group_size!r})")
-        if self.clipping not in ("minmax", "search"):
-            raise QuantError(f"clipping must be minmax or search (got {self.clipping!r})")
+    @field_validator("bits", mode="before")
+    @classmethod
+    def _integer_bits(cls, bits):
+        if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+            raise ValueError(f"bits must be an integer from 2 to 8 (got {bits!r})")
+        return bits
 
     @property
     def qmax(self) -> int:

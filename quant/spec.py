@@ -1,5 +1,5 @@
-"""The `quantize` recipe and its sections: the weight grid and the FlexRound reconstruction
-settings (their one definition; `quant.rtn` and `quant.flexround` take their values)."""
+"""The `quantize` recipe and its sections: the weight grid (`quant.rtn.WeightQuantSpec`, one
+definition for recipes and code) and the FlexRound reconstruction settings."""
 
 from __future__ import annotations
 
@@ -9,18 +9,7 @@ from pydantic import Field, model_validator
 
 from workbench.sections import DataRef, EvalSpec, ModelSpec, Strict, WorldSpec
 
-
-class WeightQuantSection(Strict):
-    """The weight grid (see `quant.rtn`): Ŵ = s·(q − z), q ∈ [0, 2ᵇ − 1], one (s, z) per group."""
-
-    bits: int = Field(4, ge=2, le=8)
-    symmetric: bool = Field(
-        True, description="z = 2ᵇ⁻¹ (compressed-tensors' W4A16). Asymmetric per-channel or group "
-        "grids export in the format compressed-tensors writes, but the installed transformers + "
-        "compressed-tensors cannot load those folders back (see quant/export.py).")
-    granularity: Literal["tensor", "channel", "group"] = "channel"
-    group_size: int = Field(128, ge=1, description="Inputs per group (granularity: group).")
-    clipping: Literal["minmax", "search"] = "minmax"
+from .rtn import QuantError, WeightQuantSpec
 
 
 class FlexRoundSection(Strict):
@@ -50,7 +39,7 @@ class QuantizeRecipe(Strict):
     seed: int = 0
     model: ModelSpec = Field(default_factory=ModelSpec)
     method: Literal["flexround", "rtn"] = "flexround"
-    weights: WeightQuantSection = Field(default_factory=WeightQuantSection)
+    weights: WeightQuantSpec = Field(default_factory=WeightQuantSpec)
     layers: Union[Literal["all-linear"], list[str]] = "all-linear"
     flexround: FlexRoundSection = Field(default_factory=FlexRoundSection)
     calibration: DataRef = "world:general_train"
@@ -64,8 +53,7 @@ class QuantizeRecipe(Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> "QuantizeRecipe":
-        from quant.flexround import resolve_config
-        from quant.rtn import QuantError
+        from .flexround import resolve_config
 
         if "compressed-tensors" in self.export and self.weights.bits not in (4, 8):
             raise ValueError(f"export: compressed-tensors packs 4 or 8 bits, not weights.bits="

@@ -27,7 +27,7 @@ from .flexround import (calibration_batches, flexround_quantize, load_checkpoint
                         save_checkpoint)
 from .report import (NF4Unavailable, build_report, float_bytes, format_quant_report, quantize_model_nf4,
                      quantized_bytes, timed)
-from .rtn import QuantError, WeightQuantSpec, check_model, quantize_model_rtn
+from .rtn import QuantError, check_model, quantize_model_rtn
 from .spec import QuantizeRecipe
 
 CHECKPOINT = "flexround-checkpoint"
@@ -72,7 +72,7 @@ def run_quantize(recipe: QuantizeRecipe, ws: Workspace, run: Run | None = None, 
         seed_everything(recipe.seed)
         encoder = is_encoder(source.folder)
         model, tokenizer, _ = load_model(recipe.model, ws, task="feature-extraction" if encoder else "causal-lm")
-        spec = WeightQuantSpec(**recipe.weights.model_dump())
+        spec = recipe.weights
         layers = check_model(model, spec, recipe.layers)  # every weight checked before any work
         config = resolve_config(**recipe.flexround.model_dump()) if recipe.method == "flexround" else None
         for key, seq_len in (("seq_len", recipe.seq_len), ("flexround.seq_len", config and config.seq_len)):

@@ -27,10 +27,10 @@ def random_batches(n: int = 4, batch: int = 4, seq: int = 24, seed: int = 0):
 
 
 @pytest.mark.parametrize("spec", [
-    WeightQuantSpec(bits=4),
+    WeightQuantSpec(bits=4, symmetric=False),
     WeightQuantSpec(bits=3, symmetric=True, granularity="group", group_size=8),
-    WeightQuantSpec(bits=2, granularity="tensor"),
-    WeightQuantSpec(bits=4, clipping="search"),
+    WeightQuantSpec(bits=2, granularity="tensor", symmetric=False),
+    WeightQuantSpec(bits=4, clipping="search", symmetric=False),
 ])
 def test_flexround_at_init_is_rtn_exactly(spec):
     model = tiny_llama()
@@ -53,7 +53,7 @@ def _mse(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.slow
 def test_learning_lowers_every_block_error_against_rtn():
     fp, batches = tiny_llama(), random_batches()
-    spec, config = WeightQuantSpec(bits=3), FlexRoundConfig(iterations=60, samples=16, seq_len=24,
+    spec, config = WeightQuantSpec(bits=3, symmetric=False), FlexRoundConfig(iterations=60, samples=16, seq_len=24,
                                                             batch_size=4, lr=5e-3)
     flex = copy.deepcopy(fp)
     result = flexround_quantize(flex, batches, spec, config, seed=0, progress=False)
@@ -78,7 +78,7 @@ def test_learning_lowers_every_block_error_against_rtn():
 
 @pytest.mark.slow
 def test_a_killed_run_resumes_to_the_same_codes(tmp_path):
-    spec, config = WeightQuantSpec(bits=4), FlexRoundConfig(iterations=15, samples=8, seq_len=24,
+    spec, config = WeightQuantSpec(bits=4, symmetric=False), FlexRoundConfig(iterations=15, samples=8, seq_len=24,
                                                             batch_size=4, lr=5e-3)
     batches = random_batches(n=2)
     whole = flexround_quantize(tiny_llama(), batches, spec, config, seed=3, progress=False)
@@ -143,7 +143,7 @@ def test_flexround_beats_rtn_on_minilm_sentence_embeddings(minilm):
     enc = tokenizer(calibration, padding="max_length", max_length=24, truncation=True, return_tensors="pt")
     batches = [{"input_ids": enc["input_ids"][i:i + 4], "attention_mask": enc["attention_mask"][i:i + 4]}
                for i in range(0, 16, 4)]
-    spec = WeightQuantSpec(bits=4, granularity="channel")
+    spec = WeightQuantSpec(bits=4, granularity="channel", symmetric=False)
     reference = sentence_embeddings(fp, tokenizer, held_out)
 
     def cosine(model) -> float:
@@ -183,4 +183,4 @@ def test_presets_and_bad_settings():
     with pytest.raises(QuantError, match="unknown preset 'slow'"):
         resolve_config("slow")
     with pytest.raises(QuantError, match="no calibration batches"):
-        flexround_quantize(tiny_llama(), [], WeightQuantSpec(), resolve_config("fast"))
+        flexround_quantize(tiny_llama(), [], WeightQuantSpec(symmetric=False), resolve_config("fast"))

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from adapters.mixda import MixdaMethod, MixdaTaskVector
-from adapters.prompt import PromptMethod, TaskPromptVector, set_prompt
+from adapters.prompt import PromptMethod, TaskPromptVector, initial_prompt_of, set_prompt
 from adapters.road import RoadTaskVector, merge_into_weights
 from merge.dense import RoadDelta, merge_folders
 from workbench.io import model_layout
@@ -72,7 +72,7 @@ def make_full(base: Path, folder: Path, seed: int) -> Path:
 def make_prompt(base: Path, folder: Path, seed: int, init_seed: int = 0) -> Path:
     method = PromptMethod()
     model = method.attach(load_base(base), PromptSpec(num_virtual_tokens=4, init_seed=init_seed))
-    set_prompt(model, model.prompt_init + noise(torch.Generator().manual_seed(seed), (4, 32), 0.1))
+    set_prompt(model, initial_prompt_of(model) + noise(torch.Generator().manual_seed(seed), (4, 32), 0.1))
     method.save(model, None, folder, base_ref=str(base))
     return folder
 

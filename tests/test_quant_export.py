@@ -21,14 +21,14 @@ from workbench.recipes import EvalSpec, ModelSpec, QuantizeRecipe, RecipeError, 
 from workbench.stages import run_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
-SPECS = [WeightQuantSpec(bits=4), WeightQuantSpec(bits=4, symmetric=True),
-         WeightQuantSpec(bits=4, granularity="group", group_size=16),
+SPECS = [WeightQuantSpec(bits=4, symmetric=False), WeightQuantSpec(bits=4, symmetric=True),
+         WeightQuantSpec(bits=4, granularity="group", group_size=16, symmetric=False),
          WeightQuantSpec(bits=4, symmetric=True, granularity="group", group_size=8),
-         WeightQuantSpec(bits=8), WeightQuantSpec(bits=8, symmetric=True, granularity="tensor"),
-         WeightQuantSpec(bits=4, granularity="tensor")]
+         WeightQuantSpec(bits=8, symmetric=False), WeightQuantSpec(bits=8, symmetric=True, granularity="tensor"),
+         WeightQuantSpec(bits=4, granularity="tensor", symmetric=False)]
 LOADABLE = [WeightQuantSpec(bits=4, symmetric=True), WeightQuantSpec(bits=4, symmetric=True, granularity="group",
                                                                      group_size=16),
-            WeightQuantSpec(bits=8, granularity="tensor")]
+            WeightQuantSpec(bits=8, granularity="tensor", symmetric=False)]
 
 
 def tiny_quantized(spec: WeightQuantSpec):
@@ -100,7 +100,7 @@ def test_stock_transformers_loads_the_export_with_our_logits(tmp_path, spec):
 
 
 def test_widths_that_do_not_pack_are_refused(tmp_path):
-    model, codes = tiny_quantized(WeightQuantSpec(bits=3))
+    model, codes = tiny_quantized(WeightQuantSpec(bits=3, symmetric=False))
     with pytest.raises(QuantError, match="bits=3 cannot be packed"):
         export_compressed(model, None, codes, tmp_path / "w3")
     assert not (tmp_path / "w3").exists()
@@ -148,7 +148,7 @@ def test_example_recipe_and_bad_recipes():
     recipe = load_recipe(ROOT / "examples" / "flexround.yaml")
     assert recipe.kind == "quantize" and recipe.method == "flexround" and recipe.model.path == "default"
     assert recipe.weights.bits == 4 and "compressed-tensors" in recipe.export
-    with pytest.raises(RecipeError, match=r"weights.bits: Input should be less than or equal to 8"):
+    with pytest.raises(RecipeError, match=r"weights.bits: .*bits must be an integer from 2 to 8"):
         parse_recipe({"kind": "quantize", "weights": {"bits": 9}})
     with pytest.raises(RecipeError, match=r"compressed-tensors packs 4 or 8 bits, not weights.bits=3"):
         parse_recipe({"kind": "quantize", "weights": {"bits": 3}})

@@ -14,7 +14,7 @@ from workbench.models import build_model_from_config
 def test_hand_computed_asymmetric_2bit_codes():
     # lo = -1, hi = 2: s = 3/3 = 1, z = round(1/1) = 1; q = clamp(round(W) + 1, 0, 3)
     w = torch.tensor([[-1.0, -0.4, 0.6, 2.0, 1.4]])
-    qw = quantize_rtn(w, WeightQuantSpec(bits=2, granularity="channel"))
+    qw = quantize_rtn(w, WeightQuantSpec(bits=2, granularity="channel", symmetric=False))
     assert qw.scale.tolist() == [[1.0]] and qw.zero_point.tolist() == [[1]]
     assert qw.codes.tolist() == [[0, 1, 2, 3, 2]]
     assert qw.dequantize().tolist() == [[-1.0, 0.0, 1.0, 2.0, 1.0]]
@@ -31,9 +31,9 @@ def test_hand_computed_symmetric_3bit_codes():
 
 def test_groups_and_tensor_grid_shapes():
     w = torch.randn(6, 32)
-    assert quantize_rtn(w, WeightQuantSpec(granularity="group", group_size=8)).scale.shape == (6, 4)
-    assert quantize_rtn(w, WeightQuantSpec(granularity="channel")).scale.shape == (6, 1)
-    tensor = quantize_rtn(w, WeightQuantSpec(granularity="tensor"))
+    assert quantize_rtn(w, WeightQuantSpec(granularity="group", group_size=8, symmetric=False)).scale.shape == (6, 4)
+    assert quantize_rtn(w, WeightQuantSpec(granularity="channel", symmetric=False)).scale.shape == (6, 1)
+    tensor = quantize_rtn(w, WeightQuantSpec(granularity="tensor", symmetric=False))
     assert tensor.scale.shape == (1, 1)
     lo, hi = float(w.min()), float(w.max())
     assert tensor.scale.item() == pytest.approx((hi - lo) / 15, rel=1e-6)
@@ -66,7 +66,7 @@ def test_searched_clipping_is_never_worse_and_helps_outliers():
     torch.manual_seed(0)
     w = torch.randn(8, 64)
     w[:, 0] *= 12  # one outlier column stretches every min-max range
-    spec_mm, spec_search = WeightQuantSpec(bits=3), WeightQuantSpec(bits=3, clipping="search")
+    spec_mm, spec_search = WeightQuantSpec(bits=3, symmetric=False), WeightQuantSpec(bits=3, clipping="search", symmetric=False)
     err_mm = (quantize_rtn(w, spec_mm).dequantize() - w).pow(2).sum(1)
     err_search = (quantize_rtn(w, spec_search).dequantize() - w).pow(2).sum(1)
     # the search minimises Σ|e|^2.4, not Σe², so compare with that norm row by row
@@ -81,7 +81,7 @@ def test_model_rtn_quantizes_block_linears_only():
     embed = model.model.embed_tokens.weight.clone()
     head = model.lm_head.weight.clone()
     original = model.model.layers[1].mlp.down_proj.weight.clone()
-    spec = WeightQuantSpec(bits=4, granularity="group", group_size=16)
+    spec = WeightQuantSpec(bits=4, granularity="group", group_size=16, symmetric=False)
     codes = quantize_model_rtn(model, spec)
     assert len(codes) == 2 * 7 and "lm_head" not in codes
     assert torch.equal(model.model.embed_tokens.weight, embed) and torch.equal(model.lm_head.weight, head)
@@ -95,7 +95,7 @@ def test_model_rtn_quantizes_block_linears_only():
 
 @pytest.mark.parametrize("bits", [1, 9, 4.0])
 def test_bits_outside_2_to_8_are_refused(bits):
-    with pytest.raises(QuantError, match="bits must be an integer from 2 to 8"):
+    with pytest.raises(ValueError, match="bits must be an integer from 2 to 8"):
         WeightQuantSpec(bits=bits)
 
 
@@ -103,11 +103,11 @@ def test_bad_weights_and_models_are_named():
     model = build_model_from_config("llama-tiny", vocab_size=64, seed=0)
     with pytest.raises(QuantError, match=r"model.layers.0.self_attn.q_proj.weight: group_size=24 does "
                                          r"not divide the input width 32"):
-        check_model(model, WeightQuantSpec(granularity="group", group_size=24))
+        check_model(model, WeightQuantSpec(granularity="group", group_size=24, symmetric=False))
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight[0, :3] = float("nan")
     with pytest.raises(QuantError, match=r"model.layers.1.mlp.up_proj.weight: 3 NaN or infinite"):
-        quantize_model_rtn(model, WeightQuantSpec())
+        quantize_model_rtn(model, WeightQuantSpec(symmetric=False))
     with pytest.raises(QuantError, match=r"no supported linear layers .*self_attn.q_proj"):
         quantizable_layers(model, ["query"])
     with pytest.raises(QuantError, match="no transformer blocks found"):

@@ -18,6 +18,7 @@ adds one at run time (a test's toy method, a user's own).
 
 from __future__ import annotations
 
+import weakref
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Callable, Protocol, runtime_checkable
@@ -59,6 +60,43 @@ class AdapterMethod(Protocol):
     def delta_reader(self, folder: Path, layout: dict, stack) -> Callable | None:
         """name → the dense weight-space delta of that base tensor (None where untouched), or None
         when the method's vector lives outside weight space (then it merges only with its kind)."""
+
+    # Optional parts (`optional(method, name)` gives their defaults):
+    # output: str                 the run's output folder name, "adapter" (default) or "model"
+    # objective(spec, masker=None) a training objective replacing next-token loss (default none)
+    # prepare(model, spec, validation) -> dict   work before training, recorded in the summary
+
+
+OPTIONAL_DEFAULTS: dict[str, Any] = {"output": "adapter", "objective": None, "prepare": None}
+
+
+def optional(method: AdapterMethod, name: str) -> Any:
+    """An optional part of a method's interface (`OPTIONAL_DEFAULTS`), or its default."""
+    return getattr(method, name, OPTIONAL_DEFAULTS[name])
+
+
+class ModelState:
+    """What a method remembers about a model it attached itself to (a prompt's P_init, MixDA's
+    stage and sources), kept here rather than set as attributes on the `nn.Module`: one store per
+    method, keyed weakly by the model object, so the state goes when the model goes."""
+
+    def __init__(self, what: str):
+        self.what = what
+        self._states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def set(self, model: torch.nn.Module, state: Any) -> None:
+        self._states[model] = state
+
+    def get(self, model: torch.nn.Module) -> Any:
+        """The state recorded for `model`; an error naming what is missing when there is none."""
+        try:
+            return self._states[model]
+        except KeyError:
+            raise UnknownMethod(f"this model has no {self.what}: attach or load the adapter "
+                                "through its method first") from None
+
+    def has(self, model: torch.nn.Module) -> bool:
+        return model in self._states
 
 
 _registry: dict[str, AdapterMethod] = {}

@@ -22,7 +22,7 @@ from .engine import (ClassificationObjective, TokenMasker, make_accelerator, pro
 from .evaluate import (classifier_metrics, classifier_report, embedding_cosine, evaluate_model,
                        format_classifier_report, format_report, gain_forgetting, masked_lm_metrics)
 from .io import model_layout, write_atomic, write_json
-from .methods import get_method
+from .methods import get_method, optional
 from .models import (ModelLoadError, ModelSource, is_encoder, load_model,
                      recorded_base, resolve_local_source, resolve_source)
 from .recipes import (EvalRecipe, MergekitRecipe, MergeRecipe, ModelSpec, PipelineRecipe,
@@ -122,9 +122,10 @@ def _batch_plan(recipe: TrainRecipe, tokenizer, task: str) -> tuple[BatchPlan, o
 def _objective_of(method, recipe: TrainRecipe, task: str, masker, tokenizer):
     """The training signal: the method's own objective, the masked-LM one, the classifier's, or
     None for the engine's next-token loss."""
-    objective = method.objective(recipe.adapter) if hasattr(method, "objective") else None
+    own_objective = optional(method, "objective")
+    objective = own_objective(recipe.adapter) if own_objective is not None else None
     if task == "masked-lm":
-        objective = method.objective(recipe.adapter, masker=masker)
+        objective = own_objective(recipe.adapter, masker=masker)
     if task == "sequence-classification":
         if objective is not None:
             raise DataError(f"adapter.method {recipe.adapter.method} with these settings trains on "
@@ -136,8 +137,9 @@ def _objective_of(method, recipe: TrainRecipe, task: str, masker, tokenizer):
 def _prepared(method, model, recipe: TrainRecipe, run: Run, resume: bool, tokenizer, train_set) -> dict:
     """What a method prepares before training (e.g. the λ search of task prompt vectors), kept in
     prepare.json so that a resumed run reuses it."""
-    if hasattr(method, "prepare") and not resume:
-        prepared = method.prepare(model, recipe.adapter, _validation_set(recipe, tokenizer, train_set))
+    prepare = optional(method, "prepare")
+    if prepare is not None and not resume:
+        prepared = prepare(model, recipe.adapter, _validation_set(recipe, tokenizer, train_set))
         if prepared:
             write_json(run.path("prepare.json"), prepared)
         return prepared
@@ -165,7 +167,7 @@ def _penalty(recipe: TrainRecipe, model, trainable, tokenizer, run: Run, ws: Wor
 def _finish_train(recipe: TrainRecipe, run: Run, method, model, tokenizer, source, evaluator,
                   progress, prepared: dict, task: str, started: float) -> None:
     """Save the adapter (or model), evaluate it against its base, write the summary, finish."""
-    output = "adapter" if recipe.adapter.method != "full" else "model"
+    output = optional(method, "output")
     losses = [m["loss"] for m in run.metrics() if "loss" in m]
     summary: dict = {**prepared, "task": task, "steps": progress.step, "tokens": progress.tokens,
                      "train_seconds": round(progress.elapsed, 2),
