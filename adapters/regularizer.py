@@ -30,7 +30,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from workbench.engine import LanguageModelObjective, StepObserver, make_optimizer
+from workbench.engine import (LanguageModelObjective, NonFiniteLoss, StepObserver, make_optimizer,
+                              optimizer_step)
 from workbench.io import atomic_file
 from workbench.models import embedding_fingerprint
 
@@ -129,29 +130,27 @@ def load_importance(path: Path, trainable: dict[str, torch.nn.Parameter], finger
 
 
 def record_importance(model, trainable: dict[str, torch.nn.Parameter], plan, spec, steps: int,
-                      xi: float, device, objective=None) -> dict[str, torch.Tensor]:
+                      xi: float, accelerator, objective=None) -> dict[str, torch.Tensor]:
     """Phase 1: train on general data for `steps` steps recording ω, then restore θ*.
 
-    A plain loop (one micro-batch per step, the run's lr and optimizer); the trained values are
-    thrown away, only Ω is kept. `objective` is the run's training signal (next-token loss by
-    default; a classifier's cross-entropy on labelled data).
+    The training loop's own step (`workbench.engine.optimizer_step`: micro-batches, autocast,
+    clipping) at the run's lr and optimizer, one batch of `plan` per step, every process taking
+    all of it; the trained
+    values are thrown away, only Ω is kept. `objective` is the run's training signal (next-token
+    loss by default; a classifier's cross-entropy on labelled data).
     """
     recorder = ImportanceRecorder(trainable)
     optimizer = make_optimizer(list(trainable.values()), spec)
     objective = objective or LanguageModelObjective()
+    one_batch = spec.model_copy(update={"batch_size": plan.batch_size, "grad_accum": 1})
     model.train()
     for step in range(steps):
-        inputs, labels = plan.batch(step)
-        replay = torch.zeros(len(inputs), dtype=torch.bool)
-        loss = objective(model, inputs.to(device), labels.to(device), replay,
-                         objective.totals(inputs, labels, replay))
-        loss.backward()
-        if spec.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(list(trainable.values()), spec.max_grad_norm)
-        recorder.before_update()
-        optimizer.step()
-        recorder.after_update()
-        optimizer.zero_grad(set_to_none=True)
+        try:
+            optimizer_step(model, optimizer, plan, step, one_batch, accelerator, trainable, objective,
+                           observer=recorder, distributed=False)
+        except NonFiniteLoss as err:
+            raise ImportanceError(f"the loss is {err.value} at step {step + 1} of recording the "
+                                  "importance Ω; lower train.lr or check train.regularizer.data") from None
     importance = recorder.importance(xi)
     with torch.no_grad():
         for name, p in trainable.items():
@@ -178,7 +177,7 @@ def make_penalty(importance: dict[str, torch.Tensor], trainable: dict[str, torch
 
 
 def prepare_regularizer(spec, train_spec, model, trainable, tokenizer, data, run_folder: Path,
-                        locate_importance, device, say=print, objective=None, fmt: str = "text"):
+                        locate_importance, accelerator, say=print, objective=None, fmt: str = "text"):
     """Phase 1 (or reuse of a stored Ω) for a run, then the phase-2 penalty function.
 
     Language-model runs record Ω with the next-token loss on general text. Sequence-classification
@@ -203,7 +202,7 @@ def prepare_regularizer(spec, train_spec, model, trainable, tokenizer, data, run
         plan = BatchPlan(general, None, train_spec.batch_size // train_spec.grad_accum, 0.0, 0)
         say(f"Recording importance Ω on {spec.data} for {spec.steps} steps ...")
         started = time.time()
-        importance = record_importance(model, trainable, plan, train_spec, spec.steps, spec.xi, device,
-                                       objective)
+        importance = record_importance(model, trainable, plan, train_spec, spec.steps, spec.xi,
+                                       accelerator, objective)
         save_importance(importance, target, fingerprint, spec.steps, spec.xi, time.time() - started)
     return make_penalty(importance, trainable, spec.phi)

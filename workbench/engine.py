@@ -350,26 +350,80 @@ class StepObserver:
         """Parameters hold the new values."""
 
 
+class NonFiniteLoss(ArithmeticError):
+    """A step's loss is NaN or infinite; the update was not applied."""
+
+    def __init__(self, value: float):
+        super().__init__(f"loss is {value}")
+        self.value = value
+
+
+def optimizer_step(model, optimizer, plan: BatchPlan, step: int, spec: TrainSpec, accelerator,
+                   trainable: dict[str, torch.nn.Parameter], objective, penalty=None,
+                   observer: StepObserver | None = None, distributed: bool = True
+                   ) -> tuple[float, torch.Tensor]:
+    """One optimizer step on the global batch of `step`, the one step every loop of the workbench
+    takes (training, and the importance recording of the forgetting regularizer).
+
+    The batch is split into `grad_accum` micro-batches and each across processes (rank r takes
+    every world_size-th row; `distributed=False`: this process takes every row), under the
+    accelerator's autocast, gradients synchronised on the last micro-batch only; the loss summed
+    over micro-batches (and processes) is returned with the batch's inputs. NaN or inf raises
+    `NonFiniteLoss` before any update; then gradients are clipped to `max_grad_norm`, the observer
+    sees the update, and gradients are cleared.
+    """
+    world, rank = (accelerator.num_processes, accelerator.process_index) if distributed else (1, 0)
+    rows_per_micro = spec.batch_size // spec.grad_accum
+    inputs, labels = plan.batch(step)
+    replay = torch.arange(len(inputs)) >= plan.n_train
+    totals = objective.totals(inputs, labels, replay)
+    device = accelerator.device
+    step_loss = torch.zeros((), device=device)
+    for micro in range(spec.grad_accum):
+        rows = slice(micro * rows_per_micro, (micro + 1) * rows_per_micro)
+        x, y, r = (t[rows][rank::world].to(device) for t in (inputs, labels, replay))
+        sync = micro == spec.grad_accum - 1 or world == 1
+        with accelerator.autocast(), (accelerator.no_sync(model) if not sync else nullcontext()):
+            loss = objective(model, x, y, r, totals)
+            if penalty is not None:  # once per step in total, over micro-batches and processes
+                loss = loss + penalty() / (spec.grad_accum * world)
+            accelerator.backward(loss * world)  # DDP averages gradients over processes
+        step_loss += loss.detach()
+    step_loss = accelerator.reduce(step_loss, reduction="sum") if world > 1 else step_loss
+    value = float(step_loss)
+    if not math.isfinite(value):
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteLoss(value)
+    if spec.max_grad_norm > 0:
+        accelerator.clip_grad_norm_(list(trainable.values()), spec.max_grad_norm)
+    if observer is not None:
+        observer.before_update()
+    optimizer.step()
+    if observer is not None:
+        observer.after_update()
+    optimizer.zero_grad(set_to_none=True)
+    return value, inputs
+
+
 def train_loop(model, plan: BatchPlan, spec: TrainSpec, total_steps: int, run: Run, accelerator,
                trainable: dict[str, torch.nn.Parameter], resume: bool = False,
                evaluate: Callable[[int], dict] | None = None,
                on_step: Callable[[int, float], None] | None = None,
                objective=None, penalty: Callable[[], torch.Tensor] | None = None,
-               observer: StepObserver | None = None, phase: str = "training") -> Progress:
+               phase: str = "training") -> Progress:
     """Train for `total_steps` optimizer steps; checkpoint, log and evaluate along the way.
 
     `evaluate(step)` returns metrics to log (called at the steps in spec.eval_at); `on_step(step,
     loss)` is called after each step (progress reporting, tests). `objective` is the training
     signal (`LanguageModelObjective` by default); `penalty()` is a term on the parameters added
-    once per step (a regularizer); `observer` sees each update. Each optimizer step is a progress
+    once per step (a regularizer). Each optimizer step is a progress
     event of `phase` with its loss in the run's progress.jsonl (`workbench.progress`).
     """
     objective = objective or LanguageModelObjective()
     world, rank = accelerator.num_processes, accelerator.process_index
-    rows_per_micro = spec.batch_size // spec.grad_accum
-    if rows_per_micro % world:
-        raise ValueError(f"train.batch_size / train.grad_accum ({rows_per_micro}) must be divisible "
-                         f"by the number of processes ({world})")
+    if (spec.batch_size // spec.grad_accum) % world:
+        raise ValueError(f"train.batch_size / train.grad_accum ({spec.batch_size // spec.grad_accum}) "
+                         f"must be divisible by the number of processes ({world})")
     if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -388,44 +442,19 @@ def train_loop(model, plan: BatchPlan, spec: TrainSpec, total_steps: int, run: R
                unit="step", disable=not accelerator.is_main_process, dynamic_ncols=True)
     events = progress_phase(phase, total_steps, "step", step=progress.step, folder=run.folder,
                             enabled=accelerator.is_main_process)
-    device = accelerator.device
     with StopRequest() as stop, events:  # Ctrl-C / SIGTERM: finish the step, checkpoint, stop
         for step in range(progress.step, total_steps):
             started = time.perf_counter()
             lr = lr_at(step, spec, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            inputs, labels = plan.batch(step)
-            replay = torch.arange(len(inputs)) >= plan.n_train
-            totals = objective.totals(inputs, labels, replay)
-            step_loss = torch.zeros((), device=device)
-            for micro in range(spec.grad_accum):
-                rows = slice(micro * rows_per_micro, (micro + 1) * rows_per_micro)
-                x = inputs[rows][rank::world].to(device)
-                y = labels[rows][rank::world].to(device)
-                r = replay[rows][rank::world].to(device)
-                sync = micro == spec.grad_accum - 1
-                with accelerator.autocast(), (accelerator.no_sync(model) if not sync else nullcontext()):
-                    loss = objective(model, x, y, r, totals)
-                    if penalty is not None:  # once per step in total, over micro-batches and processes
-                        loss = loss + penalty() / (spec.grad_accum * world)
-                    accelerator.backward(loss * world)  # DDP averages gradients over processes
-                step_loss += loss.detach()
-            step_loss = accelerator.reduce(step_loss, reduction="sum") if world > 1 else step_loss
-            value = float(step_loss)
-            if not math.isfinite(value):
-                optimizer.zero_grad(set_to_none=True)
+            try:
+                value, inputs = optimizer_step(model, optimizer, plan, step, spec, accelerator,
+                                               trainable, objective, penalty)
+            except NonFiniteLoss as err:
                 raise TrainingDiverged(
-                    f"loss is {value} at step {step + 1}; training stopped before applying it. "
-                    f"Last good checkpoint: {last_good or 'none'} (in {ckpt_dir}). Lower train.lr or check the data.")
-            if spec.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(list(trainable.values()), spec.max_grad_norm)
-            if observer is not None:
-                observer.before_update()
-            optimizer.step()
-            if observer is not None:
-                observer.after_update()
-            optimizer.zero_grad(set_to_none=True)
+                    f"loss is {err.value} at step {step + 1}; training stopped before applying it. "
+                    f"Last good checkpoint: {last_good or 'none'} (in {ckpt_dir}). Lower train.lr or check the data.") from None
             seconds = time.perf_counter() - started
             progress.step, progress.tokens = step + 1, progress.tokens + inputs.numel()
             progress.elapsed += seconds

@@ -159,7 +159,7 @@ def _penalty(recipe: TrainRecipe, model, trainable, tokenizer, run: Run, ws: Wor
     classifier = task == "sequence-classification"
     return prepare_regularizer(
         spec, recipe.train, model, trainable, tokenizer, recipe.data, run.folder,
-        lambda ref: importance_file_of(ref, ws), accelerator.device,
+        lambda ref: importance_file_of(ref, ws), accelerator,
         say=lambda message: (run.log(message), say(message)),
         objective=objective if classifier else None, fmt="labelled" if classifier else "text")
 
