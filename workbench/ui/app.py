@@ -277,7 +277,16 @@ def _wire_form(kind: str, form: RecipeForm, ui: dict, service: Service, tabs, jo
     gr.on([c.change for c in form.visibility_triggers], visibility, form.inputs,
           form.visibility_outputs, **private)
 
-    # loading a recipe into the form
+    load_text, load_outputs = _wire_form_loading(kind, form, ui, service, preview_outputs)
+    _wire_form_actions(kind, form, ui, service, tabs, jobs, form_inputs)
+    if "preset" in ui:
+        _wire_preset(form, ui, form_inputs, preview_outputs)
+    return {"load_text": load_text, "outputs": load_outputs, "ui": ui}
+
+
+def _wire_form_loading(kind: str, form: RecipeForm, ui: dict, service: Service,
+                       preview_outputs: list) -> tuple:
+    """Loading a recipe file or an upload into a form tab; returns (load_text, its outputs)."""
     load_outputs = [*form.inputs, ui["loaded"], ui["save_path"], ui["message"], *preview_outputs]
 
     def unchanged(message: str) -> list:
@@ -317,6 +326,14 @@ def _wire_form(kind: str, form: RecipeForm, ui: dict, service: Service, tabs, jo
     ui["load"].click(load_path, [ui["load_path"]], load_outputs, api_visibility="private")
     ui["upload"].upload(load_upload, [ui["upload"]], load_outputs, api_visibility="private")
 
+    return load_text, load_outputs
+
+
+def _wire_form_actions(kind: str, form: RecipeForm, ui: dict, service: Service, tabs, jobs: dict,
+                       form_inputs: list) -> None:
+    """Saving a form's recipe and queueing it as a job."""
+    n = len(form.keys)
+
     def save_form(*values):
         state = form.state_from(values[:n])
         loaded, path = values[n], values[n + 1]
@@ -348,33 +365,45 @@ def _wire_form(kind: str, form: RecipeForm, ui: dict, service: Service, tabs, jo
     ui["submit"].click(submit_form, form_inputs, [ui["message"], tabs, jobs["job"]],
                        api_visibility="private")
 
-    if "preset" in ui:
-        def instruction_vector_preset(*values):
-            """Method instruction_vector, two inputs marked domain and instruct, weights 1."""
-            current = dict(zip(form.keys, values[:n]))
-            current["method"] = "instruction_vector"
-            current["@ed:inputs:count"] = 2
-            for i, role in enumerate(("domain", "instruct")):
-                current[f"@ed:inputs:role:{i}"] = role
-                current[f"@ed:inputs:weight:{i}"] = 1.0
-            for i in range(2, MAX_INPUTS):
-                current[f"@ed:inputs:role:{i}"] = ""
-            if current.get("@ed:parameters:alpha") in (None, ""):
-                current["@ed:parameters:alpha"] = 1.0
-            fields = [current.get(k) for k in form.keys]
-            state = form.state_from(fields)
-            text, command, message, updates = form.preview(state, values[n], values[n + 1])
-            return [*fields, text, command, message, *updates, *form.visibility(state)]
 
-        ui["preset"].click(instruction_vector_preset, form_inputs,
-                           [*form.inputs, *preview_outputs, *form.visibility_outputs],
-                           api_visibility="private")
-    return {"load_text": load_text, "outputs": load_outputs, "ui": ui}
+def _wire_preset(form: RecipeForm, ui: dict, form_inputs: list, preview_outputs: list) -> None:
+    """The merge form's instruction-vector preset button."""
+    n = len(form.keys)
+
+    def instruction_vector_preset(*values):
+        """Method instruction_vector, two inputs marked domain and instruct, weights 1."""
+        current = dict(zip(form.keys, values[:n]))
+        current["method"] = "instruction_vector"
+        current["@ed:inputs:count"] = 2
+        for i, role in enumerate(("domain", "instruct")):
+            current[f"@ed:inputs:role:{i}"] = role
+            current[f"@ed:inputs:weight:{i}"] = 1.0
+        for i in range(2, MAX_INPUTS):
+            current[f"@ed:inputs:role:{i}"] = ""
+        if current.get("@ed:parameters:alpha") in (None, ""):
+            current["@ed:parameters:alpha"] = 1.0
+        fields = [current.get(k) for k in form.keys]
+        state = form.state_from(fields)
+        text, command, message, updates = form.preview(state, values[n], values[n + 1])
+        return [*fields, text, command, message, *updates, *form.visibility(state)]
+
+    ui["preset"].click(instruction_vector_preset, form_inputs,
+                       [*form.inputs, *preview_outputs, *form.visibility_outputs],
+                       api_visibility="private")
 
 
 def _wire(demo, tabs, forms: dict[str, RecipeForm], loaders: dict, service: Service, recipe: dict,
           jobs: dict, runs: dict, data: dict, extra: list[dict]) -> None:
-    # the recipe tab
+    """Every event of the page outside the form tabs."""
+    _wire_editor_files(service, recipe)
+    _wire_editor_actions(service, tabs, forms, loaders, recipe, jobs)
+    _wire_jobs(service, jobs)
+    _wire_runs(service, tabs, recipe, jobs, runs)
+    _wire_reload(demo, forms, loaders, service, recipe, jobs, runs, data, extra)
+
+
+def _wire_editor_files(service: Service, recipe: dict) -> None:
+    """The Recipe tab's files: start from a template, load, upload, validate, save."""
     def use_template(name):
         try:
             return service.template(name or ""), f"Started from {name}"
@@ -418,6 +447,11 @@ def _wire(demo, tabs, forms: dict[str, RecipeForm], loaders: dict, service: Serv
     recipe["save"].click(editor_save, [recipe["editor"], recipe["save_path"]],
                          [recipe["message"], recipe["load_path"]], api_visibility="private")
 
+
+
+def _wire_editor_actions(service: Service, tabs, forms: dict[str, RecipeForm], loaders: dict,
+                         recipe: dict, jobs: dict) -> None:
+    """The Recipe tab's actions: queue the recipe, or open it in the form of its kind."""
     def editor_submit(text):
         try:
             job = service.submit(text or "", source="recipe editor")
@@ -454,7 +488,10 @@ def _wire(demo, tabs, forms: dict[str, RecipeForm], loaders: dict, service: Serv
     recipe["to_form"].click(editor_to_form, [recipe["editor"], recipe["save_path"]],
                             [*form_outputs, tabs, recipe["message"]], api_visibility="private")
 
-    # jobs
+
+
+def _wire_jobs(service: Service, jobs: dict) -> None:
+    """The Jobs tab: the job list, the selected job's panel, stop / cancel / resume."""
     job_outputs = [jobs["status"], jobs["progress"], jobs["plot"], jobs["log"], jobs["stop"],
                    jobs["cancel"], jobs["resume"]]
 
@@ -505,7 +542,10 @@ def _wire(demo, tabs, forms: dict[str, RecipeForm], loaders: dict, service: Serv
 
     jobs["resume"].click(resume_job, [jobs["job"]], [jobs["job"]], api_visibility="private")
 
-    # runs
+
+
+def _wire_runs(service: Service, tabs, recipe: dict, jobs: dict, runs: dict) -> None:
+    """The Runs tab: the run list, the selected run's panel, resume, edit its recipe."""
     run_outputs = [runs["summary"], runs["recipe"], runs["plot"], runs["record"], runs["log"],
                    runs["resume"]]
 
@@ -563,7 +603,11 @@ def _wire(demo, tabs, forms: dict[str, RecipeForm], loaders: dict, service: Serv
                        [tabs, recipe["editor"], recipe["message"], recipe["save_path"]],
                        api_visibility="private")
 
-    # models and data
+
+
+def _wire_reload(demo, forms: dict[str, RecipeForm], loaders: dict, service: Service, recipe: dict,
+                 jobs: dict, runs: dict, data: dict, extra: list[dict]) -> None:
+    """Models and data choices, adding data, and what a page (re)load fills in."""
     choice_fields = [(c, k) for form in forms.values() for c, k in form.all_choice_fields()]
     load_paths = [loader["ui"]["load_path"] for loader in loaders.values()] + [recipe["load_path"]]
 
@@ -711,14 +755,19 @@ def _run_markdown(view: dict) -> str:
 # the API (gradio_client)
 
 
-def _api(service: Service) -> None:
-    def refusing(fn):
-        def call(*args):
-            try:
-                return fn(*args)
-            except (Refused, ValueError, OSError) as err:
-                raise gr.Error(str(err), print_exception=False) from None
-        return call
+def _refusing(fn):
+    """`fn` with a refusal shown to the API caller as its message (no server traceback)."""
+    def call(*args):
+        try:
+            return fn(*args)
+        except (Refused, ValueError, OSError) as err:
+            raise gr.Error(str(err), print_exception=False) from None
+    return call
+
+
+def _job_api(service: Service) -> list:
+    """Recipes and jobs: validate, submit, follow, stop, cancel, resume."""
+    refusing = _refusing
 
     def validate_recipe(recipe_yaml: str) -> dict:
         """Validate a YAML recipe: {ok, kind, name, errors: [{key, message}], message, recipe}."""
@@ -747,6 +796,13 @@ def _api(service: Service) -> None:
     def resume_run(run_id: str) -> dict:
         """Queue `workbench resume RUN` for a stopped, failed or interrupted run."""
         return refusing(service.resume)(run_id)
+
+    return [validate_recipe, submit_recipe, job_status, list_jobs, stop_job, cancel_job, resume_run]
+
+
+def _run_api(service: Service) -> list:
+    """Runs, recipe files, sources, comparison, evaluation and exports."""
+    refusing = _refusing
 
     def list_runs() -> list[dict]:
         """Every run, newest first: id, kind, name, status, parents, result, created, summary."""
@@ -780,11 +836,24 @@ def _api(service: Service) -> None:
         """Queue an eval job of a finished run's model or adapter against its base; the job."""
         return refusing(service.evaluate)(run_id, world_size, max_tokens, max_questions)
 
+    return [list_runs, get_run, read_recipe, save_recipe, list_sources, compare_runs, evaluate_run,
+            *_export_api(service)]
+
+
+def _generate_api(service: Service):
+    """The playground's generation, one request at a time."""
     def generate(prompt: str, models: list[str], max_new_tokens: int = 32, mixed: bool = False) -> dict:
         """Greedy answers of each model (`default`, `run:<id>`, a folder) to one prompt:
         {separate: [{model, text, seconds}], mixed: [...] or None (one mixed-adapter batch of LoRA
         or RoAd adapters of one base, row i through model i)}."""
-        return refusing(service.generate)(prompt, models, max_new_tokens, mixed)
+        return _refusing(service.generate)(prompt, models, max_new_tokens, mixed)
+
+    return generate
+
+
+def _export_api(service: Service) -> list:
+    """What a run can be exported as, exporting it, and the exports made."""
+    refusing = _refusing
 
     def export_options(run_id: str) -> list[str]:
         """The exports a finished run offers: model, adapter, compressed-tensors, dequantized."""
@@ -800,9 +869,12 @@ def _api(service: Service) -> None:
         created, files, bytes."""
         return service.exports()
 
-    for fn in (validate_recipe, submit_recipe, job_status, list_jobs, stop_job, cancel_job,
-               resume_run, list_runs, get_run, read_recipe, save_recipe, list_sources, compare_runs,
-               evaluate_run, export_options, export_run, list_exports):
+    return [export_options, export_run, list_exports]
+
+
+def _api(service: Service) -> None:
+    """The named API endpoints gradio_client calls."""
+    for fn in (*_job_api(service), *_run_api(service)):
         gr.api(fn, api_name=fn.__name__, concurrency_limit=None)
     # generation is one request at a time (the playground worker); the queue waits, not the server
-    gr.api(generate, api_name="generate", concurrency_limit=1)
+    gr.api(_generate_api(service), api_name="generate", concurrency_limit=1)
